@@ -1,0 +1,380 @@
+//! The command line and what each command does.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vmmd_proto::v1::{
+    EventsRequest, InfoRequest, MigrateIncomingRequest, MigrateRequest, MigrationMode,
+    MigrationParameters, PauseRequest, QueryMigrateRequest, QuitRequest, ResumeRequest,
+    SystemWakeupRequest,
+};
+
+use crate::client::{self, code_name, ClientError};
+use crate::console::{self, ConsoleError};
+use crate::output::{
+    self, mode_name, run_state_name, ErrorDetail, ErrorView, EventView, MigrationView, ModeView,
+    QuitView, Render, RunStateView, StatusView,
+};
+
+/// Exit status when the command ran but failed (gRPC error, failed migration).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit status when vmmd (or its console) could not be reached.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// Control a vmmd virtual machine monitor over its gRPC API.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cprctl",
+    version,
+    after_help = "Exit status: 0 success, 1 the request failed, 2 bad usage, 3 vmmd unreachable."
+)]
+pub struct Cli {
+    /// vmmd's API socket (its --api-socket).
+    #[arg(long, env = "VMMD_SOCKET", global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Print one JSON document (`events`: one JSON object per line) instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The cprctl commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show runstate, version, pid, uptime and configuration.
+    Status,
+    /// Stop the vCPUs.
+    Pause,
+    /// Restart the vCPUs (from paused or postmigrate).
+    Resume,
+    /// Stop the VM and make vmmd exit.
+    Quit,
+    /// Wake a guest that suspended itself (S3).
+    Wakeup,
+    /// Save the VM to URI (`file:PATH`) with the current migration mode.
+    Migrate {
+        /// Destination, e.g. `file:/var/lib/vmmd/vm1.state`.
+        uri: String,
+    },
+    /// Load the VM from URI (`file:PATH`) into a vmmd started with `--incoming defer`.
+    MigrateIncoming {
+        /// Source, e.g. `file:/var/lib/vmmd/vm1.state`.
+        uri: String,
+    },
+    /// Show status and per-phase timings of the last migration.
+    QueryMigrate,
+    /// Set the mode the next `migrate` uses.
+    SetMode {
+        /// The migration mode.
+        mode: Mode,
+    },
+    /// Stream runstate changes and migration progress until interrupted.
+    Events,
+    /// Attach this terminal to a console socket (Ctrl-] detaches; stdout is the raw console).
+    Console {
+        /// The console socket (vmmd's `--serial socket=PATH`).
+        path: PathBuf,
+        /// When stdin is not a terminal: milliseconds to keep printing output after stdin ends.
+        #[arg(long, default_value_t = 1000, value_name = "MS")]
+        linger_ms: u64,
+    },
+}
+
+/// Migration modes as spelled on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Copy guest RAM and all state into the file.
+    Normal,
+    /// Save state without RAM and exec a new vmmd in place.
+    CprExec,
+    /// Save state without RAM for a host reboot.
+    CprReboot,
+}
+
+impl From<Mode> for MigrationMode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Normal => MigrationMode::Normal,
+            Mode::CprExec => MigrationMode::CprExec,
+            Mode::CprReboot => MigrationMode::CprReboot,
+        }
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// No socket was given.
+    #[error("no vmmd API socket given: pass --socket PATH or set VMMD_SOCKET")]
+    NoSocket,
+    /// vmmd could not be reached or returned an error.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// The console session failed.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// vmmd reported the migration as failed.
+    #[error("migration to {uri} failed: {error}")]
+    MigrationFailed {
+        /// The migration URI.
+        uri: String,
+        /// vmmd's explanation.
+        error: String,
+    },
+    /// Writing the result failed.
+    #[error("cannot write output: {source}")]
+    Output {
+        /// The write error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Ctrl-C could not be watched.
+    #[error("cannot watch for Ctrl-C: {source}")]
+    Signal {
+        /// The signal setup error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl CommandError {
+    /// The process exit status for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Client(ClientError::SocketMissing { .. } | ClientError::Connect { .. })
+            | Self::Console(ConsoleError::Connect { .. }) => EXIT_UNREACHABLE,
+            _ => EXIT_FAILED,
+        }
+    }
+
+    /// The `--json` form of this error.
+    pub fn to_view(&self) -> ErrorView {
+        let code = match self {
+            Self::Client(ClientError::Rpc { status, .. }) => Some(code_name(status.code())),
+            _ => None,
+        };
+        ErrorView {
+            error: ErrorDetail {
+                code,
+                message: self.to_string(),
+            },
+        }
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CommandError> {
+    let json = cli.json;
+    if let Command::Console { path, linger_ms } = &cli.command {
+        let path = path.clone();
+        let linger = Duration::from_millis(*linger_ms);
+        // The console is plain blocking I/O; keep it off the async workers.
+        return tokio::task::spawn_blocking(move || console::attach(&path, linger))
+            .await
+            .map_err(|e| CommandError::Output {
+                source: std::io::Error::other(e),
+            })?
+            .map(|_| ())
+            .map_err(Into::into);
+    }
+    let socket = cli.socket.ok_or(CommandError::NoSocket)?;
+    let mut vmm = client::connect(&socket).await?;
+    match cli.command {
+        Command::Status => {
+            let info = vmm
+                .info(InfoRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("status", s))?;
+            emit(&StatusView::from(info.into_inner()), json)
+        }
+        Command::Pause => {
+            let r = vmm
+                .pause(PauseRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("pause", s))?;
+            emit(&run_state_view(r.into_inner().run_state), json)
+        }
+        Command::Resume => {
+            let r = vmm
+                .resume(ResumeRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("resume", s))?;
+            emit(&run_state_view(r.into_inner().run_state), json)
+        }
+        Command::Wakeup => {
+            let r = vmm
+                .system_wakeup(SystemWakeupRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("wakeup", s))?;
+            emit(&run_state_view(r.into_inner().run_state), json)
+        }
+        Command::Quit => {
+            vmm.quit(QuitRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("quit", s))?;
+            emit(&QuitView { quit: true }, json)
+        }
+        Command::Migrate { uri } => {
+            let r = vmm
+                .migrate(MigrateRequest { uri })
+                .await
+                .map_err(|s| ClientError::rpc("migrate", s))?;
+            emit_migration(r.into_inner().into(), json)
+        }
+        Command::MigrateIncoming { uri } => {
+            let r = vmm
+                .migrate_incoming(MigrateIncomingRequest { uri })
+                .await
+                .map_err(|s| ClientError::rpc("migrate-incoming", s))?;
+            emit_migration(r.into_inner().into(), json)
+        }
+        Command::QueryMigrate => {
+            let r = vmm
+                .query_migrate(QueryMigrateRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("query-migrate", s))?;
+            // Reporting a past failure is not itself a failure of this command.
+            emit(&MigrationView::from(r.into_inner()), json)
+        }
+        Command::SetMode { mode } => {
+            let params = MigrationParameters {
+                mode: MigrationMode::from(mode) as i32,
+            };
+            let r = vmm
+                .set_migration_parameters(params)
+                .await
+                .map_err(|s| ClientError::rpc("set-mode", s))?;
+            emit(
+                &ModeView {
+                    mode: mode_name(r.into_inner().mode),
+                },
+                json,
+            )
+        }
+        Command::Events => {
+            let mut stream = vmm
+                .events(EventsRequest {})
+                .await
+                .map_err(|s| ClientError::rpc("events", s))?
+                .into_inner();
+            let ctrl_c = tokio::signal::ctrl_c();
+            tokio::pin!(ctrl_c);
+            loop {
+                tokio::select! {
+                    r = &mut ctrl_c => return r.map_err(|source| CommandError::Signal { source }),
+                    msg = stream.message() => match msg {
+                        Ok(Some(event)) => emit(&EventView::from(event), json)?,
+                        // vmmd ended the stream (it is exiting).
+                        Ok(None) => return Ok(()),
+                        Err(s) => return Err(ClientError::rpc("events", s).into()),
+                    },
+                }
+            }
+        }
+        Command::Console { .. } => Ok(()),
+    }
+}
+
+fn run_state_view(raw: i32) -> RunStateView {
+    RunStateView {
+        run_state: run_state_name(raw),
+    }
+}
+
+fn emit_migration(view: MigrationView, json: bool) -> Result<(), CommandError> {
+    emit(&view, json)?;
+    if view.failed() {
+        return Err(CommandError::MigrationFailed {
+            uri: view.uri,
+            error: view.error.unwrap_or_else(|| "no reason given".to_owned()),
+        });
+    }
+    Ok(())
+}
+
+/// Prints `value` to stdout; a closed pipe (`cprctl events | head`) is not an error.
+fn emit(value: &impl Render, json: bool) -> Result<(), CommandError> {
+    match output::print(&mut std::io::stdout().lock(), value, json) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(CommandError::Output { source: e })
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("cprctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_command() {
+        let cli = parse(&["--socket", "/run/vm1.sock", "status", "--json"]).expect("parses");
+        assert_eq!(
+            cli.socket.as_deref(),
+            Some(std::path::Path::new("/run/vm1.sock"))
+        );
+        assert!(cli.json);
+        assert!(matches!(cli.command, Command::Status));
+    }
+
+    #[test]
+    fn migrate_takes_a_uri_and_set_mode_takes_known_modes_only() {
+        let cli = parse(&["--socket", "s", "migrate", "file:/tmp/x"]).expect("parses");
+        assert!(matches!(cli.command, Command::Migrate { uri } if uri == "file:/tmp/x"));
+        let cli = parse(&["--socket", "s", "set-mode", "cpr-exec"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::SetMode {
+                mode: Mode::CprExec
+            }
+        ));
+        let err = parse(&["--socket", "s", "set-mode", "warp"]).expect_err("unknown mode");
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
+        assert!(parse(&["migrate"]).is_err(), "migrate needs a URI");
+    }
+
+    #[test]
+    fn console_needs_a_path_but_no_api_socket() {
+        let cli = parse(&["console", "/run/vm1.console"]).expect("parses");
+        match cli.command {
+            Command::Console { path, linger_ms } => {
+                assert_eq!(path, PathBuf::from("/run/vm1.console"));
+                assert_eq!(linger_ms, 1000);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn api_command_without_socket_says_how_to_give_one() {
+        let cli = Cli {
+            socket: None,
+            json: false,
+            command: Command::Status,
+        };
+        let err = run(cli).await.expect_err("no socket");
+        assert!(err.to_string().contains("--socket"), "{err}");
+        assert_eq!(err.exit_code(), EXIT_FAILED);
+    }
+
+    #[test]
+    fn grpc_errors_keep_their_code_in_json() {
+        let err = CommandError::from(ClientError::rpc(
+            "migrate-incoming",
+            tonic::Status::not_found("state file /x does not exist"),
+        ));
+        let v = serde_json::to_value(err.to_view()).expect("serialize");
+        assert_eq!(v["error"]["code"], "NOT_FOUND");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("/x does not exist")));
+        assert_eq!(err.exit_code(), EXIT_FAILED);
+    }
+}

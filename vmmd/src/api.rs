@@ -1,0 +1,427 @@
+//! The gRPC service (`vmmd.v1.Vmm`): translates requests into [`Vm`] calls, plus gRPC health and
+//! reflection, served on a unix socket created mode 0600.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, UNIX_EPOCH};
+
+use cpr_common::state::StateFileError;
+use cpr_common::MigrationMode;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use tracing::info;
+use vmmd_proto::v1 as pb;
+use vmmd_proto::v1::vmm_server::{Vmm, VmmServer};
+
+use crate::vm::{
+    EventBus, MigrationReport, MigrationStatus, RunState, Vm, VmError, VmEvent, VERSION,
+};
+
+/// Why the API could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Binding the socket failed.
+    #[error("cannot listen on API socket {path}: is another vmmd using it?")]
+    Bind {
+        /// The socket path.
+        path: std::path::PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Setting up reflection failed.
+    #[error("cannot build the gRPC reflection service")]
+    Reflection(#[source] tonic_reflection::server::Error),
+    /// The server failed.
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// The VM plus what the API needs around it.
+pub struct VmHandle {
+    vm: Mutex<Vm>,
+    events: EventBus,
+    last_migration: Arc<Mutex<crate::vm::MigrationReport>>,
+    started: Instant,
+    exit: tokio::sync::watch::Sender<Option<i32>>,
+}
+
+impl VmHandle {
+    /// Wraps a VM.
+    pub fn new(
+        vm: Vm,
+        events: EventBus,
+        exit: tokio::sync::watch::Sender<Option<i32>>,
+    ) -> Arc<VmHandle> {
+        Arc::new(VmHandle {
+            last_migration: vm.last_migration(),
+            vm: Mutex::new(vm),
+            events,
+            started: Instant::now(),
+            exit,
+        })
+    }
+
+    /// Locks the VM.
+    pub fn vm(&self) -> MutexGuard<'_, Vm> {
+        self.vm.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks vmmd to exit with `code`.
+    pub fn request_exit(&self, code: i32) {
+        let _ = self.exit.send(Some(code));
+    }
+}
+
+/// Maps a VM error to the gRPC status an operator's tool can act on.
+pub fn status_for(e: &VmError) -> Status {
+    let msg = error_chain(e);
+    match e {
+        VmError::WrongState { .. } | VmError::Incompatible { .. } => {
+            Status::failed_precondition(msg)
+        }
+        VmError::Uri(_) => Status::invalid_argument(msg),
+        VmError::UnsupportedMode(_) => Status::unimplemented(msg),
+        VmError::StateFile(f) => match f {
+            StateFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                Status::not_found(msg)
+            }
+            StateFileError::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Status::permission_denied(msg)
+            }
+            StateFileError::Io { .. } => Status::unavailable(msg),
+            StateFileError::NewerVersion { .. } | StateFileError::OlderVersion { .. } => {
+                Status::failed_precondition(msg)
+            }
+            StateFileError::RamSizeMismatch { .. } => Status::failed_precondition(msg),
+            StateFileError::Encode(_) => Status::internal(msg),
+            _ => Status::data_loss(msg),
+        },
+        _ => Status::internal(msg),
+    }
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn pb_run_state(s: RunState) -> pb::RunState {
+    match s {
+        RunState::Running => pb::RunState::Running,
+        RunState::Paused => pb::RunState::Paused,
+        RunState::Suspended => pb::RunState::Suspended,
+        RunState::InMigrate => pb::RunState::Inmigrate,
+        RunState::PostMigrate => pb::RunState::Postmigrate,
+        RunState::Shutdown => pb::RunState::Shutdown,
+    }
+}
+
+fn pb_mode(m: MigrationMode) -> pb::MigrationMode {
+    match m {
+        MigrationMode::Normal => pb::MigrationMode::Normal,
+        MigrationMode::CprExec => pb::MigrationMode::CprExec,
+        MigrationMode::CprReboot => pb::MigrationMode::CprReboot,
+    }
+}
+
+fn pb_status(s: MigrationStatus) -> pb::MigrationStatus {
+    match s {
+        MigrationStatus::None => pb::MigrationStatus::None,
+        MigrationStatus::Active => pb::MigrationStatus::Active,
+        MigrationStatus::Completed => pb::MigrationStatus::Completed,
+        MigrationStatus::Failed => pb::MigrationStatus::Failed,
+    }
+}
+
+fn pb_migration(r: &MigrationReport) -> pb::MigrationInfo {
+    pb::MigrationInfo {
+        status: pb_status(r.status) as i32,
+        mode: pb_mode(r.mode) as i32,
+        uri: r.uri.clone(),
+        error: r.error.clone().unwrap_or_default(),
+        phases: r
+            .phases
+            .iter()
+            .map(|(name, d)| pb::Phase {
+                name: name.clone(),
+                micros: d.as_micros() as u64,
+            })
+            .collect(),
+        total_micros: r.total.as_micros() as u64,
+        ram_bytes: r.ram_bytes,
+        state_bytes: r.state_bytes,
+        downtime_micros: r.downtime.as_micros() as u64,
+        incoming: r.incoming,
+    }
+}
+
+fn pb_event(at: std::time::SystemTime, e: VmEvent) -> pb::Event {
+    let kind = match e {
+        VmEvent::RunState { old, new, reason } => pb::event::Kind::RunState(pb::RunStateChanged {
+            old: pb_run_state(old) as i32,
+            new: pb_run_state(new) as i32,
+            reason,
+        }),
+        VmEvent::Migration(p) => pb::event::Kind::Migration(pb::MigrationProgress {
+            status: pb_status(p.status) as i32,
+            phase: p.phase,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+            message: p.message,
+            incoming: p.incoming,
+        }),
+    };
+    pb::Event {
+        timestamp_unix_micros: at
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0),
+        kind: Some(kind),
+    }
+}
+
+/// The `vmmd.v1.Vmm` service.
+pub struct VmmApi {
+    handle: Arc<VmHandle>,
+}
+
+impl VmmApi {
+    async fn with_vm<T, F>(&self, f: F) -> Result<T, Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Vm) -> Result<T, VmError> + Send + 'static,
+    {
+        let handle = self.handle.clone();
+        tokio::task::spawn_blocking(move || f(&mut handle.vm()).map_err(|e| status_for(&e)))
+            .await
+            .map_err(|e| Status::internal(format!("VM task failed: {e}")))?
+    }
+
+    fn run_state_response(s: RunState) -> Response<pb::RunStateResponse> {
+        Response::new(pb::RunStateResponse {
+            run_state: pb_run_state(s) as i32,
+        })
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Vmm for VmmApi {
+    async fn info(
+        &self,
+        _: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        let uptime = self.handle.started.elapsed();
+        let (state, cfg, pty) = self
+            .with_vm(|vm| Ok((vm.run_state(), vm.config().clone(), vm.serial_pty())))
+            .await?;
+        Ok(Response::new(pb::InfoResponse {
+            run_state: pb_run_state(state) as i32,
+            version: VERSION.to_string(),
+            pid: std::process::id(),
+            uptime_ms: uptime.as_millis() as u64,
+            config: Some(pb::VmConfig {
+                vcpus: u32::from(cfg.vcpus),
+                memory_bytes: cfg.memory.size,
+                memory_path: cfg
+                    .memory
+                    .path
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                kernel: cfg
+                    .kernel
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                cmdline: cfg.cmdline.clone(),
+                serial: cfg.serial.to_string(),
+                serial_pty: pty.map(|p| p.display().to_string()).unwrap_or_default(),
+                api_socket: cfg.api_socket.display().to_string(),
+                incoming: cfg
+                    .incoming
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default(),
+            }),
+        }))
+    }
+
+    async fn pause(
+        &self,
+        _: Request<pb::PauseRequest>,
+    ) -> Result<Response<pb::RunStateResponse>, Status> {
+        self.with_vm(|vm| vm.pause())
+            .await
+            .map(Self::run_state_response)
+    }
+
+    async fn resume(
+        &self,
+        _: Request<pb::ResumeRequest>,
+    ) -> Result<Response<pb::RunStateResponse>, Status> {
+        self.with_vm(|vm| vm.resume())
+            .await
+            .map(Self::run_state_response)
+    }
+
+    async fn quit(
+        &self,
+        _: Request<pb::QuitRequest>,
+    ) -> Result<Response<pb::QuitResponse>, Status> {
+        self.with_vm(|vm| {
+            vm.shut_down("api quit");
+            Ok(())
+        })
+        .await?;
+        info!("quit requested over the API");
+        self.handle.request_exit(0);
+        Ok(Response::new(pb::QuitResponse {}))
+    }
+
+    async fn system_wakeup(
+        &self,
+        _: Request<pb::SystemWakeupRequest>,
+    ) -> Result<Response<pb::RunStateResponse>, Status> {
+        self.with_vm(|vm| vm.wakeup())
+            .await
+            .map(Self::run_state_response)
+    }
+
+    async fn set_migration_parameters(
+        &self,
+        req: Request<pb::MigrationParameters>,
+    ) -> Result<Response<pb::MigrationParameters>, Status> {
+        let mode = match pb::MigrationMode::try_from(req.into_inner().mode) {
+            Ok(pb::MigrationMode::Normal) => MigrationMode::Normal,
+            Ok(pb::MigrationMode::CprExec) => MigrationMode::CprExec,
+            Ok(pb::MigrationMode::CprReboot) => MigrationMode::CprReboot,
+            Ok(pb::MigrationMode::Unspecified) | Err(_) => {
+                return Err(Status::invalid_argument(
+                    "migration mode is missing or unknown: use normal, cpr-exec or cpr-reboot",
+                ))
+            }
+        };
+        let mode = self.with_vm(move |vm| vm.set_mode(mode)).await?;
+        Ok(Response::new(pb::MigrationParameters {
+            mode: pb_mode(mode) as i32,
+        }))
+    }
+
+    async fn get_migration_parameters(
+        &self,
+        _: Request<pb::GetMigrationParametersRequest>,
+    ) -> Result<Response<pb::MigrationParameters>, Status> {
+        let mode = self.with_vm(|vm| Ok(vm.mode())).await?;
+        Ok(Response::new(pb::MigrationParameters {
+            mode: pb_mode(mode) as i32,
+        }))
+    }
+
+    async fn migrate(
+        &self,
+        req: Request<pb::MigrateRequest>,
+    ) -> Result<Response<pb::MigrationInfo>, Status> {
+        let uri = req.into_inner().uri;
+        let report = self.with_vm(move |vm| vm.migrate(&uri)).await?;
+        Ok(Response::new(pb_migration(&report)))
+    }
+
+    async fn migrate_incoming(
+        &self,
+        req: Request<pb::MigrateIncomingRequest>,
+    ) -> Result<Response<pb::MigrationInfo>, Status> {
+        let uri = req.into_inner().uri;
+        let report = self.with_vm(move |vm| vm.migrate_incoming(&uri)).await?;
+        Ok(Response::new(pb_migration(&report)))
+    }
+
+    async fn query_migrate(
+        &self,
+        _: Request<pb::QueryMigrateRequest>,
+    ) -> Result<Response<pb::MigrationInfo>, Status> {
+        let report = self
+            .handle
+            .last_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Ok(Response::new(pb_migration(&report)))
+    }
+
+    type EventsStream = EventStream;
+
+    async fn events(
+        &self,
+        _: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let rx = self.handle.events.subscribe();
+        let stream =
+            tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(|item| match item {
+                Ok((at, e)) => Some(Ok(pb_event(at, e))),
+                // A subscriber that fell behind skips what it missed rather than ending the stream.
+                Err(_) => None,
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Binds the API socket with mode 0600 (removing a stale socket file first).
+pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+    let bind_err = |source| ApiError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_err() {
+            std::fs::remove_file(path).map_err(bind_err)?;
+        }
+    }
+    // The umask makes the socket 0600 from the moment it exists; nothing else creates files now.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serves the API until `shutdown` resolves.
+pub async fn serve(
+    listener: UnixListener,
+    handle: Arc<VmHandle>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ApiError> {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<VmmServer<VmmApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vmmd_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(ApiError::Reflection)?;
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(VmmServer::new(VmmApi { handle }))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+        .map_err(ApiError::Serve)
+}

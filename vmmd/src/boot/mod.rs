@@ -1,0 +1,3 @@
+//! Booting a kernel image.
+
+pub mod pvh;

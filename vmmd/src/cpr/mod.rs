@@ -1,0 +1,3 @@
+//! Checkpoint/restore: the saved form of a VM and how it is captured and loaded.
+
+pub mod state;

@@ -1,0 +1,321 @@
+//! Guest RAM: always shared and fd-backed (an anonymous memfd or a file, e.g. on /dev/shm or hugetlbfs),
+//! laid out with the usual hole below 4 GiB, and mapped through vm-memory.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use nix::sys::memfd::{memfd_create, MFdFlags};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MmapRegion,
+};
+
+/// Name of the memfd that backs guest RAM (visible in /proc/PID/maps as `/memfd:vmmd-guest-ram`).
+pub const RAM_MEMFD_NAME: &str = "vmmd-guest-ram";
+/// Start of the MMIO hole below 4 GiB (LAPIC, IOAPIC and friends live above it).
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// First address above the hole.
+pub const HIGH_RAM_START: u64 = 4 << 30;
+/// Smallest guest this VMM runs.
+pub const MIN_RAM: u64 = 16 << 20;
+
+/// Why guest RAM could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The `--memory` argument does not parse.
+    #[error("invalid --memory {arg:?}: {detail}; use size=SIZE[,path=FILE], e.g. size=1G,path=/dev/shm/vm1.ram")]
+    BadSpec {
+        /// The argument.
+        arg: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The size is unusable.
+    #[error(
+        "guest RAM size {0} bytes is invalid: it must be a multiple of 2 MiB and at least 16 MiB"
+    )]
+    BadSize(u64),
+    /// memfd_create failed.
+    #[error("cannot create the guest RAM memfd")]
+    Memfd(#[source] nix::Error),
+    /// Opening the backing file failed.
+    #[error("cannot open guest RAM file {path}: check the path and permissions")]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Sizing the backing fd failed.
+    #[error("cannot size guest RAM backing {what} to {size} bytes (is there enough space on its file system?)")]
+    Resize {
+        /// memfd or the file path.
+        what: String,
+        /// Wanted size.
+        size: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("cannot map guest RAM region at {gpa:#x} ({size} bytes)")]
+    Map {
+        /// Guest physical address.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// vm-memory's error.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// Regions overlap or are otherwise inconsistent.
+    #[error("cannot assemble guest RAM regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
+}
+
+/// `--memory size=SIZE[,path=FILE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemorySpec {
+    /// Bytes of guest RAM.
+    pub size: u64,
+    /// Backing file; `None` for an anonymous memfd.
+    pub path: Option<PathBuf>,
+}
+
+impl FromStr for MemorySpec {
+    type Err = MemoryError;
+    fn from_str(arg: &str) -> Result<Self, Self::Err> {
+        let bad = |detail: String| MemoryError::BadSpec {
+            arg: arg.to_string(),
+            detail,
+        };
+        let mut size = None;
+        let mut path = None;
+        for part in arg.split(',').filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                Some(("size", v)) => {
+                    size = Some(cpr_common::parse_size(v).map_err(|e| bad(e.to_string()))?)
+                }
+                Some(("path", v)) if !v.is_empty() => path = Some(PathBuf::from(v)),
+                _ => return Err(bad(format!("unknown option {part:?}"))),
+            }
+        }
+        let size = size.ok_or_else(|| bad("size= is missing".into()))?;
+        if size < MIN_RAM || size % (2 << 20) != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        Ok(MemorySpec { size, path })
+    }
+}
+
+impl std::fmt::Display for MemorySpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "size={}", self.size)?;
+        if let Some(p) = &self.path {
+            write!(f, ",path={}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// One contiguous piece of guest RAM: where it is for the guest and where it is in the backing fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RamRegion {
+    /// Guest physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset in the backing fd.
+    pub fd_offset: u64,
+}
+
+/// The guest-physical layout of `size` bytes of RAM: one region, or two around the hole below 4 GiB.
+pub fn layout(size: u64) -> Vec<RamRegion> {
+    if size <= MMIO_HOLE_START {
+        return vec![RamRegion {
+            gpa: 0,
+            size,
+            fd_offset: 0,
+        }];
+    }
+    vec![
+        RamRegion {
+            gpa: 0,
+            size: MMIO_HOLE_START,
+            fd_offset: 0,
+        },
+        RamRegion {
+            gpa: HIGH_RAM_START,
+            size: size - MMIO_HOLE_START,
+            fd_offset: MMIO_HOLE_START,
+        },
+    ]
+}
+
+/// Guest RAM: the backing fd and its shared mappings.
+pub struct GuestRam {
+    file: File,
+    path: Option<PathBuf>,
+    regions: Vec<RamRegion>,
+    memory: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    /// Creates the backing fd and maps it.
+    pub fn create(spec: &MemorySpec) -> Result<GuestRam, MemoryError> {
+        let (file, what) = match &spec.path {
+            None => (create_memfd()?, "memfd".to_string()),
+            Some(path) => (open_backing_file(path)?, path.display().to_string()),
+        };
+        let current = file
+            .metadata()
+            .map_err(|source| MemoryError::Resize {
+                what: what.clone(),
+                size: spec.size,
+                source,
+            })?
+            .len();
+        if current != spec.size {
+            file.set_len(spec.size)
+                .map_err(|source| MemoryError::Resize {
+                    what,
+                    size: spec.size,
+                    source,
+                })?;
+        }
+        Self::map(file, spec.path.clone(), spec.size)
+    }
+
+    /// Maps an existing backing fd of `size` bytes.
+    pub fn map(file: File, path: Option<PathBuf>, size: u64) -> Result<GuestRam, MemoryError> {
+        let regions = layout(size);
+        let mut mapped = Vec::with_capacity(regions.len());
+        for r in &regions {
+            let map_err = |source| MemoryError::Map {
+                gpa: r.gpa,
+                size: r.size,
+                source,
+            };
+            let fd = file.try_clone().map_err(|source| MemoryError::OpenFile {
+                path: path.clone().unwrap_or_else(|| RAM_MEMFD_NAME.into()),
+                source,
+            })?;
+            let mmap = MmapRegion::<()>::build(
+                Some(FileOffset::new(fd, r.fd_offset)),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+            )
+            .map_err(map_err)?;
+            let region =
+                GuestRegionMmap::new(mmap, GuestAddress(r.gpa)).ok_or(MemoryError::Map {
+                    gpa: r.gpa,
+                    size: r.size,
+                    source: vm_memory::mmap::MmapRegionError::InvalidPointer,
+                })?;
+            mapped.push(region);
+        }
+        let memory = GuestMemoryMmap::from_regions(mapped).map_err(MemoryError::Regions)?;
+        Ok(GuestRam {
+            file,
+            path,
+            regions,
+            memory,
+        })
+    }
+
+    /// The vm-memory view used for loading and device access.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// The guest-physical layout.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total bytes of guest RAM.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The backing file, when RAM is file-backed.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The backing fd (for the CPR fd table).
+    pub fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    /// Host address and length of each region, in the order of [`GuestRam::regions`].
+    pub fn host_slices(&self) -> Vec<(u64, *mut u8, usize)> {
+        self.memory
+            .iter()
+            .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
+            .collect()
+    }
+}
+
+fn create_memfd() -> Result<File, MemoryError> {
+    let fd = memfd_create(RAM_MEMFD_NAME, MFdFlags::MFD_CLOEXEC).map_err(MemoryError::Memfd)?;
+    Ok(File::from(fd))
+}
+
+fn open_backing_file(path: &Path) -> Result<File, MemoryError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| MemoryError::OpenFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn parses_specs() {
+        let s: MemorySpec = "size=1G,path=/dev/shm/vm1.ram".parse().expect("parse");
+        assert_eq!(s.size, 1 << 30);
+        assert_eq!(s.path.as_deref(), Some(Path::new("/dev/shm/vm1.ram")));
+        assert_eq!(s.to_string().parse::<MemorySpec>().expect("round trip"), s);
+        assert!("path=/x".parse::<MemorySpec>().is_err());
+        assert!("size=1M".parse::<MemorySpec>().is_err());
+        assert!("size=65M".parse::<MemorySpec>().is_err());
+        assert!("size=64M,huge=1".parse::<MemorySpec>().is_err());
+    }
+
+    #[test]
+    fn hole_below_4g() {
+        assert_eq!(layout(256 << 20).len(), 1);
+        assert_eq!(layout(3 << 30).len(), 1);
+        let l = layout(5 << 30);
+        assert_eq!(l[1].gpa, 4 << 30);
+        assert_eq!(l[1].size, 2 << 30);
+        assert_eq!(l[1].fd_offset, 3 << 30);
+    }
+
+    #[test]
+    fn memfd_is_shared() {
+        let ram = GuestRam::create(&"size=16M".parse().expect("spec")).expect("create");
+        ram.memory()
+            .write_obj(0x1234_5678u32, GuestAddress(0x1000))
+            .expect("write");
+        // A second mapping of the same fd sees the write: RAM is shared, not private.
+        let again =
+            GuestRam::map(ram.file.try_clone().expect("dup"), None, ram.size()).expect("map");
+        let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).expect("read");
+        assert_eq!(v, 0x1234_5678);
+    }
+}

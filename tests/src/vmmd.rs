@@ -8,10 +8,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::{bins, Api, Console, TestDir};
+use crate::{bins, Api, Console, Ready, TestDir};
 
 /// How long vmmd may take until its API answers (this machine is slow and shared).
 pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the guest may take from start to READY (it fills all its RAM first).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a console connection attempt retries.
 pub const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -150,12 +152,11 @@ impl VmmdProcess {
             cmd.arg("--incoming").arg(incoming);
         }
         cmd.args(&opts.extra_args)
+            // Plain log text in the log file.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
         // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
         // is async-signal-safe; it touches no memory shared with the parent.
         unsafe {
@@ -210,6 +211,21 @@ impl VmmdProcess {
             spawned_at,
             api,
         }
+    }
+
+    /// Starts vmmd, attaches the console and waits for the guest's READY line and heartbeats.
+    pub fn boot(opts: VmmdOptions) -> (Self, Console, Ready) {
+        let vmm = Self::spawn(opts);
+        let mut console = vmm.console();
+        let line = console.wait_for_line("READY", READY_TIMEOUT);
+        let ready = Ready::parse(&line).unwrap_or_else(|e| panic!("bad READY line {line:?}: {e}"));
+        let since = Instant::now() - Duration::from_secs(3600);
+        assert!(
+            console.wait_for_heartbeats(since, 10, Duration::from_secs(30)),
+            "no heartbeats after READY; console: {}",
+            console.output_tail(400)
+        );
+        (vmm, console, ready)
     }
 
     /// The API client.

@@ -1,0 +1,223 @@
+//! cprctl against a real vmmd: JSON output, pause/resume, errors, events, console.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cpr_tests::{bins, RunState, TestDir, VmmdOptions, VmmdProcess};
+use serde_json::Value;
+
+fn cprctl(vmm: &VmmdProcess, args: &[&str]) -> Output {
+    Command::new(bins::cprctl())
+        .arg("--socket")
+        .arg(&vmm.api_socket)
+        .args(args)
+        .output()
+        .expect("cannot run cprctl")
+}
+
+fn json_of(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "cprctl failed with {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "cprctl printed invalid JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn status_json_describes_the_running_vm() {
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(2, "64M"));
+    let v = json_of(&cprctl(&vmm, &["status", "--json"]));
+    assert_eq!(v["run_state"], "running", "{v}");
+    assert_eq!(v["pid"], vmm.pid(), "{v}");
+    assert_eq!(v["config"]["vcpus"], 2, "{v}");
+    assert_eq!(v["config"]["memory_bytes"], 64u64 << 20, "{v}");
+    assert!(v["version"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+    assert!(v["uptime_ms"].as_u64().is_some(), "{v}");
+
+    let human = cprctl(&vmm, &["status"]);
+    assert!(human.status.success());
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(text.contains("run state:  running"), "{text}");
+}
+
+#[test]
+fn pause_and_resume_through_cprctl() {
+    let (vmm, console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let v = json_of(&cprctl(&vmm, &["--json", "pause"]));
+    assert_eq!(v["run_state"], "paused");
+    assert_eq!(vmm.api().run_state(), RunState::Paused);
+    std::thread::sleep(Duration::from_millis(200));
+    let quiet_from = Instant::now();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        console.heartbeats_since(quiet_from),
+        0,
+        "heartbeats while paused"
+    );
+
+    let v = json_of(&cprctl(&vmm, &["--json", "status"]));
+    assert_eq!(v["run_state"], "paused");
+
+    let out = cprctl(&vmm, &["resume"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "run state: running\n");
+    assert!(console.wait_for_heartbeats(Instant::now(), 20, Duration::from_secs(30)));
+}
+
+#[test]
+fn grpc_errors_exit_non_zero_with_code_and_message() {
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let out = cprctl(&vmm, &["--json", "migrate", "tcp:127.0.0.1:1"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("INVALID_ARGUMENT"), "{stderr}");
+    assert!(stderr.contains("tcp"), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON error document");
+    assert_eq!(v["error"]["code"], "INVALID_ARGUMENT", "{v}");
+    assert_eq!(vmm.api().run_state(), RunState::Running);
+}
+
+#[test]
+fn missing_socket_says_which_path_and_exits_3() {
+    let dir = TestDir::new("cprctl-missing");
+    let sock = dir.join("nothing.sock");
+    let out = Command::new(bins::cprctl())
+        .arg("status")
+        .env("VMMD_SOCKET", &sock)
+        .output()
+        .expect("cannot run cprctl");
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&sock.display().to_string()), "{stderr}");
+    assert!(stderr.contains("vmmd is running"), "{stderr}");
+}
+
+#[test]
+fn migrate_and_query_migrate_print_timings() {
+    let dir = TestDir::new("cprctl-migrate");
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M").in_dir(&dir));
+    let uri = format!("file:{}", dir.join("vm.state").display());
+    let v = json_of(&cprctl(&vmm, &["--json", "migrate", &uri]));
+    assert_eq!(v["status"], "completed", "{v}");
+    assert_eq!(v["mode"], "normal", "{v}");
+    assert_eq!(v["uri"], uri.as_str(), "{v}");
+    assert!(v["ram_bytes"].as_u64() >= Some(64 << 20), "{v}");
+    assert!(v["phases"].as_array().is_some_and(|p| !p.is_empty()), "{v}");
+    let q = json_of(&cprctl(&vmm, &["--json", "query-migrate"]));
+    assert_eq!(q["status"], "completed", "{q}");
+    let status = json_of(&cprctl(&vmm, &["--json", "status"]));
+    assert_eq!(status["run_state"], "postmigrate", "{status}");
+}
+
+#[test]
+fn set_mode_normal_is_accepted() {
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let v = json_of(&cprctl(&vmm, &["--json", "set-mode", "normal"]));
+    assert_eq!(v["mode"], "normal", "{v}");
+}
+
+#[test]
+fn events_stream_runstate_changes_as_json_lines() {
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let mut child = Command::new(bins::cprctl())
+        .arg("--socket")
+        .arg(&vmm.api_socket)
+        .args(["--json", "events"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("cannot run cprctl events");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The subscription may start a moment after the process does.
+    std::thread::sleep(Duration::from_millis(500));
+    vmm.api().pause().expect("Pause");
+    vmm.api().resume().expect("Resume");
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("event line is not JSON ({e}): {line}"));
+        if v["type"] == "run_state" {
+            seen.push((v["old"].to_string(), v["new"].to_string()));
+        }
+        if v["type"] == "run_state" && v["new"] == "running" && v["old"] == "paused" {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let want = [
+        ("\"running\"".to_owned(), "\"paused\"".to_owned()),
+        ("\"paused\"".to_owned(), "\"running\"".to_owned()),
+    ];
+    assert!(
+        want.iter().all(|w| seen.contains(w)),
+        "expected running->paused->running events, saw {seen:?}"
+    );
+}
+
+#[test]
+fn console_pipe_mode_sends_input_and_prints_output() {
+    let vmm = VmmdProcess::spawn(VmmdOptions::new(1, "64M"));
+    // Wait for READY with the harness client, then hand the console to cprctl.
+    {
+        let mut c = vmm.console();
+        c.wait_for_line("READY", cpr_tests::vmmd::READY_TIMEOUT);
+    }
+    let mut out = None;
+    for _ in 0..20 {
+        let mut child = Command::new(bins::cprctl())
+            .args(["console", "--linger-ms", "3000"])
+            .arg(&vmm.console_socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run cprctl console");
+        child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(b"v")
+            .expect("write command");
+        let o = child.wait_with_output().expect("cprctl console output");
+        // vmmd may not have noticed the previous client leave yet.
+        if String::from_utf8_lossy(&o.stdout).starts_with("vmmd: console busy") {
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        out = Some(o);
+        break;
+    }
+    let out = out.expect("console stayed busy after the previous client left");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\nVERIFY OK "), "no VERIFY OK in {text:?}");
+    assert!(text.contains('.'), "no heartbeats in {text:?}");
+}

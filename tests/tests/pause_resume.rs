@@ -1,0 +1,62 @@
+//! Pause stops the guest (no heartbeats) and resume restarts it.
+
+use std::time::{Duration, Instant};
+
+use cpr_tests::{RunState, VmmdOptions, VmmdProcess};
+
+/// Bytes the guest emitted just before the pause may still be on their way.
+const IN_FLIGHT_GRACE: Duration = Duration::from_millis(200);
+/// How long the guest must stay silent while paused.
+const SILENCE: Duration = Duration::from_millis(500);
+
+#[test]
+fn pause_stops_heartbeats_and_resume_restarts_them() {
+    let (vmm, mut console, _) = VmmdProcess::boot(VmmdOptions::new(2, "64M"));
+    let before = console.counters();
+
+    assert_eq!(vmm.api().pause().expect("Pause"), RunState::Paused);
+    assert_eq!(vmm.api().run_state(), RunState::Paused);
+    std::thread::sleep(IN_FLIGHT_GRACE);
+    let quiet_from = Instant::now();
+    std::thread::sleep(SILENCE);
+    let quiet_to = Instant::now();
+    assert_eq!(
+        console.heartbeats_since(quiet_from),
+        0,
+        "heartbeats arrived while paused; console: {}",
+        console.output_tail(200)
+    );
+    assert!(console.max_heartbeat_gap(quiet_from, quiet_to) >= SILENCE);
+    // Pausing twice is refused: the VM is not running.
+    let again = vmm
+        .api()
+        .pause()
+        .expect_err("a second Pause must be refused");
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+
+    assert_eq!(vmm.api().resume().expect("Resume"), RunState::Running);
+    assert_eq!(vmm.api().run_state(), RunState::Running);
+    let resumed = Instant::now();
+    assert!(
+        console.wait_for_heartbeats(resumed, 50, Duration::from_secs(30)),
+        "no heartbeats after resume; console: {}",
+        console.output_tail(200)
+    );
+    let after = console.counters();
+    after.assert_continues(&before);
+    console.verify().expect_ok();
+    assert_eq!(console.failures(), Vec::<String>::new());
+}
+
+#[test]
+fn resume_of_a_running_vm_is_refused() {
+    let (vmm, mut console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let err = vmm
+        .api()
+        .resume()
+        .expect_err("Resume of a running VM must be refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("running"), "{err:?}");
+    assert_eq!(vmm.api().run_state(), RunState::Running);
+    console.verify().expect_ok();
+}

@@ -1,13 +1,5 @@
 //! vmmd: one process, one KVM VM, driven over gRPC on a unix socket.
 
-mod api;
-mod boot;
-mod config;
-mod cpr;
-mod devices;
-mod memory;
-mod vcpu;
-mod vm;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -15,8 +7,9 @@ use std::time::Duration;
 use clap::Parser;
 use tracing::{error, info, warn};
 
-use config::Cli;
-use vm::{EventBus, Incoming, Vm, VmError};
+use vmmd::config::Cli;
+use vmmd::vm::{self, EventBus, Incoming, Vm, VmError};
+use vmmd::{api, vcpu};
 
 /// Why vmmd could not start or serve.
 #[derive(Debug, thiserror::Error)]

@@ -99,23 +99,27 @@ pub struct Console {
     shared: Arc<Shared>,
     /// Index of the first line `wait_for_line` has not consumed yet.
     cursor: usize,
+    connected_at: Instant,
     reader: Option<JoinHandle<()>>,
 }
 
 impl Console {
     /// Connects to the console socket at `path`, retrying until `timeout` while it is absent.
     pub fn connect(path: &Path, timeout: Duration) -> Self {
+        Self::connect_polling(path, timeout, Duration::from_millis(20))
+    }
+
+    /// Like [`Console::connect`], retrying every `interval`.
+    pub fn connect_polling(path: &Path, timeout: Duration, interval: Duration) -> Self {
         let deadline = Instant::now() + timeout;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(interval),
                 Err(e) => panic!("cannot connect to console {}: {e}", path.display()),
             }
         };
+        let connected_at = Instant::now();
         let reader_stream = stream
             .try_clone()
             .expect("cannot clone the console socket for the reader thread");
@@ -130,8 +134,14 @@ impl Console {
             writer: stream,
             shared,
             cursor: 0,
+            connected_at,
             reader: Some(reader),
         }
+    }
+
+    /// When the connection was established.
+    pub fn connected_at(&self) -> Instant {
+        self.connected_at
     }
 
     /// The socket path.
@@ -241,6 +251,13 @@ impl Console {
     /// When the first heartbeat arrived, if one has.
     pub fn first_heartbeat(&self) -> Option<Instant> {
         self.record().heartbeats.first().copied()
+    }
+
+    /// When the first heartbeat at or after `since` arrived, if one has.
+    pub fn first_heartbeat_since(&self, since: Instant) -> Option<Instant> {
+        let rec = self.record();
+        let i = rec.heartbeats.partition_point(|&t| t < since);
+        rec.heartbeats.get(i).copied()
     }
 
     /// Waits until `n` heartbeats arrived after `since`; returns whether they did within `timeout`.

@@ -103,6 +103,8 @@ pub struct VmmdProcess {
     pub opts: VmmdOptions,
     /// When the process was spawned.
     pub spawned_at: Instant,
+    /// When its API first answered Info.
+    pub api_ready_at: Instant,
     api: Api,
 }
 
@@ -119,6 +121,18 @@ impl std::fmt::Debug for VmmdProcess {
 impl VmmdProcess {
     /// Starts vmmd and waits until its API answers Info; panics (with the log) if it does not.
     pub fn spawn(opts: VmmdOptions) -> Self {
+        Self::start(opts, false).0
+    }
+
+    /// Like [`VmmdProcess::spawn`], but connects the console from the moment vmmd starts, so
+    /// that the first guest output is timestamped when it is produced rather than on a late connect.
+    pub fn spawn_with_console(opts: VmmdOptions) -> (Self, Console) {
+        let (vmm, console) = Self::start(opts, true);
+        let console = console.unwrap_or_else(|| vmm.console());
+        (vmm, console)
+    }
+
+    fn start(opts: VmmdOptions, early_console: bool) -> (Self, Option<Console>) {
         let dir = opts.dir.clone().unwrap_or_else(|| TestDir::new("vmmd"));
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let api_socket = dir.join(&format!("api-{n}.sock"));
@@ -172,6 +186,12 @@ impl VmmdProcess {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bins::vmmd().display()));
+        let early = early_console.then(|| {
+            let path = console_socket.clone();
+            std::thread::spawn(move || {
+                Console::connect_polling(&path, START_TIMEOUT, Duration::from_millis(1))
+            })
+        });
 
         let deadline = spawned_at + START_TIMEOUT;
         let api = loop {
@@ -200,7 +220,9 @@ impl VmmdProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        Self {
+        let api_ready_at = Instant::now();
+        let console = early.map(|t| t.join().expect("console connect thread panicked"));
+        let vmm = Self {
             child,
             exited: None,
             dir,
@@ -209,8 +231,10 @@ impl VmmdProcess {
             log_path,
             opts,
             spawned_at,
+            api_ready_at,
             api,
-        }
+        };
+        (vmm, console)
     }
 
     /// Starts vmmd, attaches the console and waits for the guest's READY line and heartbeats.

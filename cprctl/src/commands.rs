@@ -262,13 +262,20 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
                 .into_inner();
             let ctrl_c = tokio::signal::ctrl_c();
             tokio::pin!(ctrl_c);
+            let mut shut_down = false;
             loop {
                 tokio::select! {
                     r = &mut ctrl_c => return r.map_err(|source| CommandError::Signal { source }),
                     msg = stream.message() => match msg {
-                        Ok(Some(event)) => emit(&EventView::from(event), json)?,
+                        Ok(Some(event)) => {
+                            let view = EventView::from(event);
+                            shut_down = view.is_shutdown();
+                            emit(&view, json)?;
+                        }
                         // vmmd ended the stream (it is exiting).
                         Ok(None) => return Ok(()),
+                        // A vmmd that announced its shutdown may drop the connection as it exits.
+                        Err(_) if shut_down => return Ok(()),
                         Err(s) => return Err(ClientError::rpc("events", s).into()),
                     },
                 }

@@ -268,6 +268,11 @@ impl From<MigrationInfo> for MigrationView {
 impl Render for MigrationView {
     fn human(&self) -> String {
         let mut s = String::new();
+        if self.status == "none" {
+            let _ = writeln!(s, "status:     none (no migration yet)");
+            let _ = writeln!(s, "mode:       {}", self.mode);
+            return s;
+        }
         let direction = if self.incoming {
             "incoming"
         } else {
@@ -336,6 +341,19 @@ pub enum EventKindView {
     },
     /// An event kind this cprctl does not know.
     Unknown,
+}
+
+impl EventView {
+    /// Whether this event says the VM entered `shutdown` (vmmd is about to exit).
+    pub fn is_shutdown(&self) -> bool {
+        matches!(
+            self.kind,
+            EventKindView::RunState {
+                new: "shutdown",
+                ..
+            }
+        )
+    }
 }
 
 impl From<Event> for EventView {

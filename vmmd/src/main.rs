@@ -1,6 +1,5 @@
 //! vmmd: one process, one KVM VM, driven over gRPC on a unix socket.
 
-
 use std::process::ExitCode;
 use std::time::Duration;
 

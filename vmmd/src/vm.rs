@@ -414,7 +414,12 @@ impl Vm {
     pub fn boot(&mut self) -> Result<(), VmError> {
         let kernel = self.config.kernel.clone().ok_or(VmError::NoKernel)?;
         let entry = pvh::load_kernel(self.ram.memory(), &kernel)?;
-        pvh::write_boot_info(self.ram.memory(), self.ram.regions(), &self.config.cmdline)?;
+        pvh::write_boot_info(
+            self.ram.memory(),
+            self.ram.regions(),
+            &self.config.cmdline,
+            self.config.vcpus,
+        )?;
         pvh::setup_boot_vcpu(&lock(&self.vcpus.fds[0]), entry)?;
         info!(kernel = %kernel.display(), entry = format!("{entry:#x}"), "booting");
         self.vcpus.control.resume();

@@ -1,3 +1,4 @@
 //! Booting a kernel image.
 
+pub mod acpi;
 pub mod pvh;

@@ -131,11 +131,12 @@ fn entry(addr: u64, size: u64) -> hvm_memmap_table_entry {
     }
 }
 
-/// Writes the start info, memory map, command line and boot GDT into guest RAM.
+/// Writes the start info, memory map, command line, ACPI tables and boot GDT into guest RAM.
 pub fn write_boot_info(
     mem: &GuestMemoryMmap,
     regions: &[RamRegion],
     cmdline: &str,
+    vcpus: u8,
 ) -> Result<(), BootError> {
     if cmdline.len() >= CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -151,9 +152,11 @@ pub fn write_boot_info(
         mem.write_obj(*e, GuestAddress(at))
             .map_err(write_err("the memory map"))?;
     }
+    let rsdp = super::acpi::write_tables(mem, vcpus).map_err(write_err("the ACPI tables"))?;
     let info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: 1,
+        rsdp_paddr: rsdp,
         cmdline_paddr: CMDLINE_ADDR,
         memmap_paddr: MEMMAP_ADDR,
         memmap_entries: map.len() as u32,

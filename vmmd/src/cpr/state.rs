@@ -192,10 +192,16 @@ mod tests {
         for bit in 0..meta_end * 8 {
             let mut bad = good.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(parse_state_file(&bad).is_err(), "bit flip {bit} was not detected");
+            assert!(
+                parse_state_file(&bad).is_err(),
+                "bit flip {bit} was not detected"
+            );
         }
         for len in 0..good.len() {
-            assert!(parse_state_file(&good[..len]).is_err(), "truncation to {len} accepted");
+            assert!(
+                parse_state_file(&good[..len]).is_err(),
+                "truncation to {len} accepted"
+            );
         }
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {

@@ -254,3 +254,26 @@ fn main() -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_are_min_median_max() {
+        assert_eq!(
+            stats(&[5.0, 1.0, 3.0]),
+            json!({"min": 1.0, "median": 3.0, "max": 5.0, "n": 3})
+        );
+        assert_eq!(stats(&[4.0, 1.0])["median"], 2.5);
+        assert_eq!(stats(&[f64::NAN]), Value::Null);
+    }
+
+    #[test]
+    fn sizes_and_runs_parse() {
+        let a = Args::try_parse_from(["cpr-bench", "--runs", "3", "--sizes", "256M,1G"])
+            .expect("parses");
+        assert_eq!(a.runs, 3);
+        assert_eq!(a.sizes, ["256M", "1G"]);
+    }
+}

@@ -104,7 +104,7 @@ fn attach_with(path: &Path, linger: Duration, interactive: bool) -> Result<Ended
     let _raw = if interactive {
         let guard = RawMode::enable()?;
         eprint!(
-            "Connected to {}. Press Ctrl-] to detach.\r\n",
+            "Connected to {}. Press Ctrl-] to detach.\n",
             path.display()
         );
         Some(guard)
@@ -136,7 +136,7 @@ fn attach_with(path: &Path, linger: Duration, interactive: bool) -> Result<Ended
             Ended::InputClosed => "input closed",
             Ended::RemoteClosed => "console closed by vmmd",
         };
-        eprint!("\r\n[{what}]\r\n");
+        eprint!("\n[{what}]\n");
     }
     Ok(how)
 }

@@ -55,9 +55,17 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for m in [MigrationMode::Normal, MigrationMode::CprExec, MigrationMode::CprReboot] {
+        for m in [
+            MigrationMode::Normal,
+            MigrationMode::CprExec,
+            MigrationMode::CprReboot,
+        ] {
             assert_eq!(m.as_str().parse::<MigrationMode>(), Ok(m));
         }
-        assert!("exec".parse::<MigrationMode>().unwrap_err().to_string().contains("cpr-exec"));
+        assert!("exec"
+            .parse::<MigrationMode>()
+            .unwrap_err()
+            .to_string()
+            .contains("cpr-exec"));
     }
 }

@@ -2,7 +2,9 @@
 
 /// A size string that is not a number with an optional K/M/G/T suffix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid size {0:?}: use a number of bytes with an optional K, M, G or T suffix, e.g. 256M")]
+#[error(
+    "invalid size {0:?}: use a number of bytes with an optional K, M, G or T suffix, e.g. 256M"
+)]
 pub struct SizeError(pub String);
 
 /// Parses `1024`, `64K`, `256M`, `1G`, `2T` (binary units, case-insensitive, optional `iB`/`B`).

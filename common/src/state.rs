@@ -235,7 +235,10 @@ impl StateHeader {
             detail,
         };
         if u32_at(12) as usize != HEADER_LEN {
-            return Err(bad(format!("header length {} (expected {HEADER_LEN})", u32_at(12))));
+            return Err(bad(format!(
+                "header length {} (expected {HEADER_LEN})",
+                u32_at(12)
+            )));
         }
         let flags = u32_at(16);
         if flags & !FLAG_HAS_RAM != 0 {
@@ -250,7 +253,10 @@ impl StateHeader {
             ram_crc: u32_at(40),
         };
         if header.meta_len > MAX_META_LEN {
-            return Err(bad(format!("meta length {} exceeds {MAX_META_LEN}", header.meta_len)));
+            return Err(bad(format!(
+                "meta length {} exceeds {MAX_META_LEN}",
+                header.meta_len
+            )));
         }
         if !header.has_ram && header.ram_len != 0 {
             return Err(bad("RAM length without the RAM flag".into()));
@@ -319,10 +325,11 @@ fn check_meta<T: serde::de::DeserializeOwned>(
             actual,
         });
     }
-    let (value, rest) = postcard::take_from_bytes(meta).map_err(|source| StateFileError::Decode {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let (value, rest) =
+        postcard::take_from_bytes(meta).map_err(|source| StateFileError::Decode {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if !rest.is_empty() {
         return Err(StateFileError::BadHeader {
             path: path.to_path_buf(),
@@ -373,11 +380,13 @@ impl StateWriter {
 
     /// Appends RAM bytes.
     pub fn write_ram(&mut self, chunk: &[u8]) -> Result<(), StateFileError> {
-        self.file.write_all(chunk).map_err(|source| StateFileError::Io {
-            path: self.path.clone(),
-            op: "write",
-            source,
-        })?;
+        self.file
+            .write_all(chunk)
+            .map_err(|source| StateFileError::Io {
+                path: self.path.clone(),
+                op: "write",
+                source,
+            })?;
         self.ram_crc = crc32c::crc32c_append(self.ram_crc, chunk);
         self.ram_written += chunk.len() as u64;
         Ok(())
@@ -476,11 +485,13 @@ impl StateReader {
 
     /// Fills `buf` with the next RAM bytes.
     pub fn read_ram(&mut self, buf: &mut [u8]) -> Result<(), StateFileError> {
-        self.file.read_exact(buf).map_err(|source| StateFileError::Io {
-            path: self.path.clone(),
-            op: "read",
-            source,
-        })?;
+        self.file
+            .read_exact(buf)
+            .map_err(|source| StateFileError::Io {
+                path: self.path.clone(),
+                op: "read",
+                source,
+            })?;
         self.ram_crc = crc32c::crc32c_append(self.ram_crc, buf);
         self.ram_read += buf.len() as u64;
         Ok(())

@@ -73,8 +73,14 @@ mod tests {
             "tcp:1.2.3.4:5".parse::<MigrationUri>(),
             Err(UriError::UnknownScheme { .. })
         ));
-        assert!(matches!("file:".parse::<MigrationUri>(), Err(UriError::EmptyPath(_))));
-        assert!(matches!("/tmp/x".parse::<MigrationUri>(), Err(UriError::NoScheme(_))));
+        assert!(matches!(
+            "file:".parse::<MigrationUri>(),
+            Err(UriError::EmptyPath(_))
+        ));
+        assert!(matches!(
+            "/tmp/x".parse::<MigrationUri>(),
+            Err(UriError::NoScheme(_))
+        ));
         assert_eq!(MigrationUri::File("/a".into()).to_string(), "file:/a");
     }
 }

@@ -1,0 +1,251 @@
+//! The CPR hand-over: what an exec'ing vmmd passes to the next one (or back to itself on rollback).
+//!
+//! The old process writes a [`CprHandover`] into a memfd that survives `execve`, clears close-on-exec
+//! on every fd it lists, and names the memfd in the [`HANDOVER_ENV`] environment variable. The new
+//! process reads it first thing, before it opens anything of its own.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+
+/// Environment variable holding the hand-over memfd's number.
+pub const HANDOVER_ENV: &str = "VMMD_CPR_HANDOVER";
+/// Version of the hand-over layout.
+pub const HANDOVER_VERSION: u32 = 1;
+const HANDOVER_MAGIC: [u8; 8] = *b"VMMDCPRH";
+
+/// Names of the fds in the table.
+pub mod fd_names {
+    /// Guest RAM (memfd or file).
+    pub const RAM: &str = "guest-ram";
+    /// The gRPC API's listening socket.
+    pub const API_LISTENER: &str = "api-listener";
+    /// The binary that wrote the hand-over, kept open to roll back to.
+    pub const PREVIOUS_BINARY: &str = "previous-binary";
+}
+
+/// What the next process needs besides the state file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CprHandover {
+    /// Preserved fds by name.
+    pub fds: Vec<(String, i32)>,
+    /// The state file (vCPU/VM/device state, no RAM).
+    pub state_path: PathBuf,
+    /// CLOCK_MONOTONIC (ns) when the old process paused the vCPUs; system-wide, so comparable.
+    pub paused_at_ns: u64,
+    /// CLOCK_MONOTONIC (ns) right before `execve`.
+    pub exec_at_ns: u64,
+    /// Phases the old process timed, in order (name, microseconds).
+    pub phases: Vec<(String, u64)>,
+    /// The command line to re-exec the previous binary with when the new one cannot go on.
+    pub rollback_argv: Vec<String>,
+    /// Guest console output the old process had not delivered yet.
+    pub console_pending_out: Vec<u8>,
+    /// Console input the old process had read but the UART had not taken yet.
+    pub console_pending_in: Vec<u8>,
+    /// The pty slave path, when the console is a pty.
+    pub console_pty_path: Option<PathBuf>,
+    /// Version of the process that wrote this.
+    pub from_version: String,
+    /// How many times this guest has been live-updated (including this one).
+    pub generation: u64,
+    /// Why a rollback happened, when this hand-over goes back to the previous binary.
+    pub rollback_reason: Option<String>,
+}
+
+/// A hand-over that cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The memfd could not be created, written or read.
+    #[error("CPR hand-over memfd: {op} failed")]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The environment variable is not an fd number.
+    #[error("{HANDOVER_ENV}={0:?} is not an fd number")]
+    BadEnv(String),
+    /// Wrong magic, version or checksum.
+    #[error("CPR hand-over is invalid: {0}")]
+    Invalid(String),
+    /// Encoding or decoding failed.
+    #[error("CPR hand-over does not (de)serialize")]
+    Codec(#[source] postcard::Error),
+}
+
+impl CprHandover {
+    /// The fd named `name`.
+    pub fn fd(&self, name: &str) -> Option<RawFd> {
+        self.fds.iter().find(|(n, _)| n == name).map(|(_, fd)| *fd)
+    }
+
+    /// Encodes with magic, version and CRC32C.
+    pub fn encode(&self) -> Result<Vec<u8>, HandoverError> {
+        let body = postcard::to_allocvec(self).map_err(HandoverError::Codec)?;
+        let mut out = Vec::with_capacity(body.len() + 20);
+        out.extend_from_slice(&HANDOVER_MAGIC);
+        out.extend_from_slice(&HANDOVER_VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// Decodes and checks.
+    pub fn decode(bytes: &[u8]) -> Result<CprHandover, HandoverError> {
+        let bad = |s: &str| HandoverError::Invalid(s.to_string());
+        if bytes.len() < 20 || bytes[..8] != HANDOVER_MAGIC {
+            return Err(bad("bad magic"));
+        }
+        let word =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let version = word(8);
+        if version != HANDOVER_VERSION {
+            return Err(HandoverError::Invalid(format!(
+                "version {version}, this vmmd speaks {HANDOVER_VERSION}"
+            )));
+        }
+        let (crc, len) = (word(12), word(16) as usize);
+        let body = bytes.get(20..20 + len).ok_or_else(|| bad("truncated"))?;
+        if crc32c::crc32c(body) != crc {
+            return Err(bad("checksum mismatch"));
+        }
+        postcard::from_bytes(body).map_err(HandoverError::Codec)
+    }
+
+    /// Writes the hand-over into a new memfd that is *not* close-on-exec; returns it.
+    pub fn to_memfd(&self) -> Result<OwnedFd, HandoverError> {
+        let io = |op| move |source| HandoverError::Io { op, source };
+        let name = c"vmmd-cpr-handover";
+        // SAFETY: memfd_create with a valid C string; the returned fd is owned below.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        if fd < 0 {
+            return Err(io("memfd_create")(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        file.write_all(&self.encode()?).map_err(io("write"))?;
+        file.seek(SeekFrom::Start(0)).map_err(io("seek"))?;
+        Ok(OwnedFd::from(file))
+    }
+
+    /// Reads the hand-over named by [`HANDOVER_ENV`], if any, and closes its memfd.
+    pub fn from_env() -> Result<Option<CprHandover>, HandoverError> {
+        let Ok(value) = std::env::var(HANDOVER_ENV) else {
+            return Ok(None);
+        };
+        let fd: RawFd = value
+            .parse()
+            .map_err(|_| HandoverError::BadEnv(value.clone()))?;
+        if fd < 3 || !fd_is_open(fd) {
+            return Err(HandoverError::BadEnv(value));
+        }
+        // SAFETY: the previous process left `fd` open for us and nothing in this process owns it.
+        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut bytes = Vec::new();
+        file.seek(SeekFrom::Start(0))
+            .and_then(|_| file.read_to_end(&mut bytes))
+            .map_err(|source| HandoverError::Io { op: "read", source })?;
+        drop(file);
+        Ok(Some(CprHandover::decode(&bytes)?))
+    }
+}
+
+/// Whether `fd` is an open descriptor of this process.
+pub fn fd_is_open(fd: RawFd) -> bool {
+    // SAFETY: F_GETFD only queries the descriptor table.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Sets or clears close-on-exec on `fd`.
+pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> std::io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: F_GETFD/F_SETFD on a descriptor the caller holds; no memory is passed.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFD);
+        if flags < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let new = if on {
+            flags | libc::FD_CLOEXEC
+        } else {
+            flags & !libc::FD_CLOEXEC
+        };
+        if libc::fcntl(fd, libc::F_SETFD, new) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (comparable across `execve` and processes).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CprHandover {
+        CprHandover {
+            fds: vec![
+                (fd_names::RAM.into(), 7),
+                (fd_names::API_LISTENER.into(), 9),
+            ],
+            state_path: "/tmp/x.state".into(),
+            paused_at_ns: 1,
+            exec_at_ns: 2,
+            phases: vec![("pause".into(), 10)],
+            rollback_argv: vec![
+                "vmmd".into(),
+                "--incoming".into(),
+                "file:/tmp/x.state".into(),
+            ],
+            console_pending_out: b"...".to_vec(),
+            console_pending_in: b"v".to_vec(),
+            console_pty_path: None,
+            from_version: "0.1.0".into(),
+            generation: 3,
+            rollback_reason: None,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_damage() {
+        let h = sample();
+        let bytes = h.encode().expect("encode");
+        assert_eq!(CprHandover::decode(&bytes).expect("decode"), h);
+        assert_eq!(h.fd(fd_names::API_LISTENER), Some(9));
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x10;
+            assert!(CprHandover::decode(&bad).is_err(), "flip at {i} accepted");
+        }
+        assert!(CprHandover::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn memfd_survives_and_cloexec_toggles() {
+        let fd = sample().to_memfd().expect("memfd");
+        set_cloexec(&fd, true).expect("set");
+        // SAFETY: F_GETFD only queries.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_ne!(flags & libc::FD_CLOEXEC, 0);
+        set_cloexec(&fd, false).expect("clear");
+        // SAFETY: as above.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, 0);
+        assert!(monotonic_ns() > 0);
+    }
+}

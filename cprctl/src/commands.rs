@@ -242,6 +242,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::SetMode { mode } => {
             let params = MigrationParameters {
                 mode: MigrationMode::from(mode) as i32,
+                exec_args: Vec::new(),
             };
             let r = vmm
                 .set_migration_parameters(params)

@@ -86,6 +86,13 @@ pub fn status_for(e: &VmError) -> Status {
         }
         VmError::Uri(_) => Status::invalid_argument(msg),
         VmError::UnsupportedMode(_) => Status::unimplemented(msg),
+        VmError::CprExec(e) => match e {
+            crate::cpr::exec::CprExecError::Exec { .. }
+            | crate::cpr::exec::CprExecError::Cloexec { .. }
+            | crate::cpr::exec::CprExecError::Handover(_)
+            | crate::cpr::exec::CprExecError::OpenSelf(_) => Status::aborted(msg),
+            _ => Status::failed_precondition(msg),
+        },
         VmError::StateFile(f) => match f {
             StateFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 Status::not_found(msg)
@@ -230,8 +237,17 @@ impl Vmm for VmmApi {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let uptime = self.handle.started.elapsed();
-        let (state, cfg, pty) = self
-            .with_vm(|vm| Ok((vm.run_state(), vm.config().clone(), vm.serial_pty())))
+        let (state, cfg, pty, blockers, generation, status) = self
+            .with_vm(|vm| {
+                Ok((
+                    vm.run_state(),
+                    vm.config().clone(),
+                    vm.serial_pty(),
+                    vm.cpr_exec_blockers(),
+                    vm.generation(),
+                    vm.update_status().to_string(),
+                ))
+            })
             .await?;
         Ok(Response::new(pb::InfoResponse {
             run_state: pb_run_state(state) as i32,
@@ -262,6 +278,13 @@ impl Vmm for VmmApi {
                     .map(|i| i.to_string())
                     .unwrap_or_default(),
             }),
+            cpr_exec_blockers: blockers,
+            update_generation: generation,
+            executable: std::fs::read_link("/proc/self/exe")
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            state_format_version: cpr_common::state::STATE_FORMAT_VERSION,
+            update_status: status,
         }))
     }
 
@@ -310,7 +333,9 @@ impl Vmm for VmmApi {
         &self,
         req: Request<pb::MigrationParameters>,
     ) -> Result<Response<pb::MigrationParameters>, Status> {
-        let mode = match pb::MigrationMode::try_from(req.into_inner().mode) {
+        let req = req.into_inner();
+        let exec_args = req.exec_args;
+        let mode = match pb::MigrationMode::try_from(req.mode) {
             Ok(pb::MigrationMode::Normal) => MigrationMode::Normal,
             Ok(pb::MigrationMode::CprExec) => MigrationMode::CprExec,
             Ok(pb::MigrationMode::CprReboot) => MigrationMode::CprReboot,
@@ -320,9 +345,10 @@ impl Vmm for VmmApi {
                 ))
             }
         };
-        let mode = self.with_vm(move |vm| vm.set_mode(mode)).await?;
+        let (mode, exec_args) = self.with_vm(move |vm| vm.set_mode(mode, exec_args)).await?;
         Ok(Response::new(pb::MigrationParameters {
             mode: pb_mode(mode) as i32,
+            exec_args,
         }))
     }
 
@@ -330,9 +356,12 @@ impl Vmm for VmmApi {
         &self,
         _: Request<pb::GetMigrationParametersRequest>,
     ) -> Result<Response<pb::MigrationParameters>, Status> {
-        let mode = self.with_vm(|vm| Ok(vm.mode())).await?;
+        let (mode, exec_args) = self
+            .with_vm(|vm| Ok((vm.mode(), vm.exec_args().to_vec())))
+            .await?;
         Ok(Response::new(pb::MigrationParameters {
             mode: pb_mode(mode) as i32,
+            exec_args,
         }))
     }
 
@@ -403,6 +432,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let listener = listener.map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
+}
+
+/// The API listener inherited across cpr-exec.
+pub fn listener_from_fd(fd: std::os::fd::OwnedFd) -> Result<UnixListener, ApiError> {
+    let std_listener = std::os::unix::net::UnixListener::from(fd);
+    let err = |source| ApiError::Bind {
+        path: std_listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default(),
+        source,
+    };
+    std_listener.set_nonblocking(true).map_err(err)?;
+    UnixListener::from_std(std_listener).map_err(|e| ApiError::Bind {
+        path: Default::default(),
+        source: e,
+    })
 }
 
 /// Serves the API until `shutdown` resolves.

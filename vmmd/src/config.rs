@@ -6,7 +6,7 @@ use clap::Parser;
 
 use crate::devices::console::SerialBackendSpec;
 use crate::memory::MemorySpec;
-use crate::vm::{Incoming, VmConfig};
+use crate::vm::{FaultInjection, Incoming, VmConfig};
 
 /// vmmd: a KVM virtual machine monitor that owns one VM and can be live-updated.
 #[derive(Debug, Parser)]
@@ -43,6 +43,16 @@ pub struct Cli {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Refuse to start with a configuration that would block a cpr-exec live update.
+    #[arg(long)]
+    pub only_cpr_capable: bool,
+    /// Seconds a vmmd started by cpr-exec with `--incoming defer` waits for migrate-incoming before it
+    /// rolls back to the previous binary (so a dead orchestrator never leaves the guest paused).
+    #[arg(long, default_value_t = 10)]
+    pub cpr_incoming_timeout: u64,
+    /// Test hook: make the incoming load fail or crash (exercises cpr-exec rollback).
+    #[arg(long, value_enum, hide = true)]
+    pub fault_inject: Option<FaultInjection>,
     /// Exit 0 if this vmmd can read state files of format version V, 1 otherwise.
     #[arg(long, value_name = "V")]
     pub check_state_version: Option<u32>,
@@ -59,6 +69,7 @@ impl Cli {
             serial: self.serial.clone(),
             api_socket: self.api_socket.clone().unwrap_or_default(),
             incoming: self.incoming.clone(),
+            fault: self.fault_inject,
         }
     }
 }

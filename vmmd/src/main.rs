@@ -6,8 +6,13 @@ use std::time::Duration;
 use clap::Parser;
 use tracing::{error, info, warn};
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use vmmd::config::Cli;
 use vmmd::vm::{self, EventBus, Incoming, Vm, VmError};
+
+use cpr_common::cpr::{fd_names, monotonic_ns, CprHandover};
+use vmmd::cpr::exec as cpr_exec;
+use vmmd::devices::console::{ConsoleHandover, SerialBackendSpec};
 use vmmd::{api, vcpu};
 
 /// Why vmmd could not start or serve.
@@ -25,6 +30,28 @@ enum MainError {
     Signal(#[source] std::io::Error),
     #[error("VM setup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Handover(#[from] cpr_common::cpr::HandoverError),
+    #[error(transparent)]
+    CprExec(#[from] cpr_exec::CprExecError),
+    #[error("cannot adopt inherited fd {name}")]
+    Inherit {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--only-cpr-capable: this configuration blocks cpr-exec: {0}")]
+    NotCprCapable(String),
+    #[error("the CPR hand-over lacks the {0} fd")]
+    Missing(&'static str),
+}
+
+/// A vmmd started by cpr-exec that cannot build its VM goes back to the previous binary.
+fn roll_back_or_fail(i: &Inheritance, e: &VmError) -> MainError {
+    if i.handover.rollback_reason.is_some() {
+        return MainError::Vm(VmError::Injected("the rollback target failed too"));
+    }
+    cpr_exec::roll_back(&i.handover, &api::error_chain(e)).into()
 }
 
 fn main() -> ExitCode {
@@ -77,25 +104,141 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// The fds and context a cpr-exec predecessor handed over.
+struct Inheritance {
+    handover: CprHandover,
+    fds: Vec<(String, OwnedFd)>,
+    started_ns: u64,
+}
+
+impl Inheritance {
+    /// Reads the hand-over from the environment and adopts its fds (close-on-exec again).
+    fn from_env(started_ns: u64) -> Result<Option<Inheritance>, MainError> {
+        let Some(handover) = CprHandover::from_env()? else {
+            return Ok(None);
+        };
+        // SAFETY: single-threaded at this point; nothing reads the environment concurrently.
+        unsafe { std::env::remove_var(cpr_common::cpr::HANDOVER_ENV) };
+        let mut fds = Vec::new();
+        for (name, fd) in &handover.fds {
+            // SAFETY: the previous process left exactly these fds open for us; nothing in this
+            // process has opened or claimed them yet.
+            let owned =
+                unsafe { cpr_exec::adopt_fd(*fd) }.map_err(|source| MainError::Inherit {
+                    name: name.clone(),
+                    source,
+                })?;
+            fds.push((name.clone(), owned));
+        }
+        Ok(Some(Inheritance {
+            handover,
+            fds,
+            started_ns,
+        }))
+    }
+
+    /// A duplicate of the fd named `name` (the original stays held for a rollback).
+    fn dup(&self, name: &str) -> Option<OwnedFd> {
+        self.fds
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, fd)| fd.try_clone().ok())
+    }
+
+    fn vm_part(&self, spec: &SerialBackendSpec) -> Result<vm::Inherited, MainError> {
+        let ram = self
+            .dup(fd_names::RAM)
+            .ok_or(MainError::Missing(fd_names::RAM))?;
+        let h = &self.handover;
+        let console = ConsoleHandover::inherited(
+            spec.clone(),
+            |name| self.dup(name),
+            h.console_pending_out.clone(),
+            h.console_pending_in.clone(),
+            h.console_pty_path.clone(),
+        );
+        Ok(vm::Inherited {
+            ram,
+            console,
+            handover: h.clone(),
+            started_ns: self.started_ns,
+        })
+    }
+}
+
 async fn run(cli: Cli) -> Result<u8, MainError> {
+    let started_ns = monotonic_ns();
+    let inheritance = Inheritance::from_env(started_ns)?;
     vcpu::install_kick_handler()?;
+    if let Some(i) = &inheritance {
+        info!(
+            from = %i.handover.from_version,
+            generation = i.handover.generation,
+            rollback = ?i.handover.rollback_reason,
+            "started by cpr-exec"
+        );
+        if i.handover.rollback_reason.is_none() {
+            cpr_exec::arm_crash_rollback(&i.handover)?;
+        }
+    }
     let config = cli.vm_config();
     let socket = config.api_socket.clone();
-    let listener = api::bind(&socket)?;
+    let listener = match inheritance
+        .as_ref()
+        .and_then(|i| i.dup(fd_names::API_LISTENER))
+    {
+        Some(fd) => api::listener_from_fd(fd)?,
+        None => api::bind(&socket)?,
+    };
+    let listener_fd = listener.as_raw_fd();
     let events = EventBus::new();
     let (vcpu_tx, mut vcpu_rx) = tokio::sync::mpsc::unbounded_channel();
     let vm_events = events.clone();
-    let vm = tokio::task::spawn_blocking(move || -> Result<Vm, VmError> {
-        let incoming = config.incoming.clone();
-        let mut vm = Vm::create(config, vm_events, vcpu_tx)?;
-        match incoming {
-            None => vm.boot()?,
-            Some(Incoming::Defer) => info!("waiting for migrate-incoming"),
-            Some(Incoming::Uri(uri)) => {
-                vm.migrate_incoming(&uri.to_string())?;
-            }
-        }
+    let vm_part = match &inheritance {
+        Some(i) => Some(i.vm_part(&config.serial)?),
+        None => None,
+    };
+    let incoming = config.incoming.clone();
+    let created = tokio::task::spawn_blocking(move || -> Result<Vm, VmError> {
+        let mut vm = Vm::create(config, vm_events, vcpu_tx, vm_part)?;
+        vm.set_api_listener_fd(listener_fd);
         Ok(vm)
+    })
+    .await?;
+    let mut vm = match (created, &inheritance) {
+        (Ok(vm), _) => vm,
+        (Err(e), Some(i)) => return Err(roll_back_or_fail(i, &e)),
+        (Err(e), None) => return Err(e.into()),
+    };
+    if cli.only_cpr_capable {
+        if let Some(blocker) = vm.cpr_exec_blockers().into_iter().next() {
+            return Err(MainError::NotCprCapable(blocker));
+        }
+    }
+    let defer_deadline = match (&incoming, &inheritance) {
+        (Some(Incoming::Defer), Some(_)) => Some(Duration::from_secs(cli.cpr_incoming_timeout)),
+        _ => None,
+    };
+    if let Some(i) = inheritance {
+        vm.hold_for_rollback(i.fds.into_iter().map(|(_, fd)| fd).collect());
+    }
+    let vm = tokio::task::spawn_blocking(move || -> Result<Vm, MainError> {
+        let result = match incoming {
+            None => vm.boot(),
+            Some(Incoming::Defer) => {
+                info!("waiting for migrate-incoming");
+                Ok(())
+            }
+            Some(Incoming::Uri(uri)) => vm.migrate_incoming(&uri.to_string()).map(|_| ()),
+        };
+        match result {
+            Ok(()) => Ok(vm),
+            Err(e) if vm.awaiting_handover_load() => {
+                let reason = api::error_chain(&e);
+                Err(vm.roll_back(&reason).into())
+            }
+            Err(e) => Err(e.into()),
+        }
     })
     .await??;
 
@@ -115,6 +258,26 @@ async fn run(cli: Cli) -> Result<u8, MainError> {
             }
         }
     });
+
+    if let Some(timeout) = defer_deadline {
+        let h = handle.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let h2 = h.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let mut vm = h2.vm();
+                if vm.awaiting_handover_load() {
+                    let reason = format!(
+                        "no migrate-incoming within {}s of the exec (orchestrator gone?)",
+                        timeout.as_secs()
+                    );
+                    let e = vm.roll_back(&reason);
+                    error!(error = %api::error_chain(&e), "rollback failed");
+                }
+            })
+            .await;
+        });
+    }
 
     let signal_handle = handle.clone();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

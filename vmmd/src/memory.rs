@@ -71,6 +71,14 @@ pub enum MemoryError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    /// The inherited RAM fd does not have the configured size.
+    #[error("inherited guest RAM is {found} bytes but --memory says {expected}: give the new vmmd the same --memory")]
+    InheritedSize {
+        /// Size of the inherited fd.
+        found: u64,
+        /// Configured size.
+        expected: u64,
+    },
     /// Regions overlap or are otherwise inconsistent.
     #[error("cannot assemble guest RAM regions")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
@@ -187,6 +195,31 @@ impl GuestRam {
                 })?;
         }
         Self::map(file, spec.path.clone(), spec.size)
+    }
+
+    /// Maps guest RAM inherited across `execve` (the fd of the previous process's [`GuestRam`]).
+    pub fn inherited(fd: std::os::fd::OwnedFd, spec: &MemorySpec) -> Result<GuestRam, MemoryError> {
+        let file = File::from(fd);
+        let what = spec
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| RAM_MEMFD_NAME.to_string());
+        let size = file
+            .metadata()
+            .map_err(|source| MemoryError::Resize {
+                what: what.clone(),
+                size: spec.size,
+                source,
+            })?
+            .len();
+        if size != spec.size {
+            return Err(MemoryError::InheritedSize {
+                found: size,
+                expected: spec.size,
+            });
+        }
+        Self::map(file, spec.path.clone(), size)
     }
 
     /// Maps an existing backing fd of `size` bytes.

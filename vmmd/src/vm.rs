@@ -13,9 +13,14 @@ use tokio::sync::broadcast;
 use tracing::{info, warn};
 use vmm_sys_util::eventfd::EventFd;
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use cpr_common::cpr::{fd_names, monotonic_ns, CprHandover};
+
 use crate::boot::pvh::{self, BootError};
+use crate::cpr::exec::{self as cpr_exec, CprExecError, PreservedFds};
 use crate::cpr::state::{KvmVmError, KvmVmState, SavedRunState, VmState};
-use crate::devices::console::{Console, ConsoleError, SerialBackendSpec};
+use crate::devices::console::{Console, ConsoleError, ConsoleHandover, SerialBackendSpec};
 use crate::devices::pm::PmDevice;
 use crate::devices::serial::{SerialDevice, SerialError, COM1_GSI};
 use crate::devices::{Devices, GuestRequest};
@@ -78,6 +83,29 @@ pub struct VmConfig {
     pub api_socket: PathBuf,
     /// Incoming migration, if any.
     pub incoming: Option<Incoming>,
+    /// Test hook: make the next incoming load fail or crash.
+    pub fault: Option<FaultInjection>,
+}
+
+/// Failures a test can inject into an incoming load, to exercise cpr-exec rollback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FaultInjection {
+    /// Abort the process while loading the state.
+    CrashDuringLoad,
+    /// Return an error while loading the state.
+    FailLoad,
+}
+
+/// What a vmmd started by cpr-exec inherits from the previous process.
+pub struct Inherited {
+    /// Guest RAM.
+    pub ram: OwnedFd,
+    /// The stopped console.
+    pub console: ConsoleHandover,
+    /// The hand-over itself.
+    pub handover: CprHandover,
+    /// CLOCK_MONOTONIC when this process started.
+    pub started_ns: u64,
 }
 
 /// The VM's runstate.
@@ -180,6 +208,12 @@ pub enum VmError {
     /// No kernel to boot.
     #[error("no --kernel given: a VM that is not incoming needs a kernel to boot")]
     NoKernel,
+    /// A cpr-exec step failed.
+    #[error(transparent)]
+    CprExec(#[from] CprExecError),
+    /// Injected by a test.
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
 }
 
 /// Something observers of the VM want to know.
@@ -309,16 +343,29 @@ impl PhaseClock {
 pub struct Vm {
     vcpus: VcpuSet,
     devices: Arc<Devices>,
-    console: Console,
+    console: Option<Console>,
     vm_fd: VmFd,
     ram: GuestRam,
     config: VmConfig,
     msr_indices: Vec<u32>,
     run_state: RunState,
     mode: MigrationMode,
+    exec_args: Vec<String>,
+    api_listener_fd: Option<RawFd>,
+    inherited: Option<InheritedContext>,
+    generation: u64,
+    update_status: String,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
     _kvm: Kvm,
+}
+
+/// What stays of the hand-over while the new process loads the state.
+struct InheritedContext {
+    handover: CprHandover,
+    /// The inherited fds under the numbers the hand-over names, kept for a rollback.
+    held: Vec<OwnedFd>,
+    started_ns: u64,
 }
 
 impl Vm {
@@ -327,6 +374,7 @@ impl Vm {
         config: VmConfig,
         events: EventBus,
         vcpu_events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
+        inherited: Option<Inherited>,
     ) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let kvm_err = |op| move |source| VmError::Kvm { op, source };
@@ -337,7 +385,22 @@ impl Vm {
         vm_fd
             .set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        let ram = GuestRam::create(&config.memory)?;
+        let (ram, console, inherited) = match inherited {
+            Some(i) => (
+                GuestRam::inherited(i.ram, &config.memory)?,
+                Console::resume(i.console, CONSOLE_BUFFER)?,
+                Some(InheritedContext {
+                    handover: i.handover,
+                    held: Vec::new(),
+                    started_ns: i.started_ns,
+                }),
+            ),
+            None => (
+                GuestRam::create(&config.memory)?,
+                Console::open(&config.serial, CONSOLE_BUFFER)?,
+                None,
+            ),
+        };
         // Memory slots before the irqchip: registering them after it costs milliseconds each.
         for (slot, (gpa, host, len)) in ram.host_slices().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -358,11 +421,11 @@ impl Vm {
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-        let console = Console::open(&config.serial, CONSOLE_BUFFER)?;
-        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Kvm {
-            op: "eventfd",
-            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
-        })?;
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| VmError::Kvm {
+                op: "eventfd",
+                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
         vm_fd
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(kvm_err("KVM_IRQFD"))?;
@@ -394,16 +457,22 @@ impl Vm {
             msrs = msr_indices.len(),
             "VM created"
         );
+        let generation = inherited.as_ref().map_or(0, |i| i.handover.generation);
         Ok(Vm {
             config,
             vm_fd,
             ram,
             devices,
-            console,
+            console: Some(console),
             vcpus,
             msr_indices,
             run_state: RunState::InMigrate,
             mode: MigrationMode::Normal,
+            exec_args: Vec::new(),
+            api_listener_fd: None,
+            inherited,
+            generation,
+            update_status: String::new(),
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
             _kvm: kvm,
@@ -439,7 +508,10 @@ impl Vm {
 
     /// The pty path of a `pty` console.
     pub fn serial_pty(&self) -> Option<PathBuf> {
-        self.console.pty_path().map(|p| p.to_path_buf())
+        self.console
+            .as_ref()
+            .and_then(|c| c.pty_path())
+            .map(|p| p.to_path_buf())
     }
 
     /// Shared handle to the last migration's report (readable while a migration runs).
@@ -572,12 +644,81 @@ impl Vm {
     }
 
     /// Sets the migration mode.
-    pub fn set_mode(&mut self, mode: MigrationMode) -> Result<MigrationMode, VmError> {
-        if mode != MigrationMode::Normal {
+    pub fn set_mode(
+        &mut self,
+        mode: MigrationMode,
+        exec_args: Vec<String>,
+    ) -> Result<(MigrationMode, Vec<String>), VmError> {
+        if mode == MigrationMode::CprReboot {
             return Err(VmError::UnsupportedMode(mode));
         }
+        if !exec_args.is_empty() {
+            if cpr_exec::incoming_arg(&exec_args).is_none() {
+                return Err(CprExecError::NotIncoming.into());
+            }
+            self.exec_args = exec_args;
+        }
         self.mode = mode;
-        Ok(mode)
+        Ok((self.mode, self.exec_args.clone()))
+    }
+
+    /// The exec arguments for cpr-exec.
+    pub fn exec_args(&self) -> &[String] {
+        &self.exec_args
+    }
+
+    /// Tells the VM which fd the API listens on, so cpr-exec can hand it over.
+    pub fn set_api_listener_fd(&mut self, fd: RawFd) {
+        self.api_listener_fd = Some(fd);
+    }
+
+    /// Why cpr-exec cannot run now (empty when it can).
+    pub fn cpr_exec_blockers(&self) -> Vec<String> {
+        let mut blockers = Vec::new();
+        if self.api_listener_fd.is_none() {
+            blockers.push("the API socket is not known to the CPR engine".to_string());
+        }
+        blockers
+    }
+
+    /// Live updates this guest has been through.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The last update step this process saw.
+    pub fn update_status(&self) -> &str {
+        &self.update_status
+    }
+
+    /// Keeps the inherited fds (under the numbers the hand-over names) until the guest runs again, so
+    /// a rollback can pass them on.
+    pub fn hold_for_rollback(&mut self, fds: Vec<OwnedFd>) {
+        if let Some(ctx) = &mut self.inherited {
+            ctx.held = fds;
+        }
+    }
+
+    /// Whether this process was started by cpr-exec and has not loaded the state yet.
+    pub fn awaiting_handover_load(&self) -> bool {
+        self.inherited.is_some() && self.run_state == RunState::InMigrate
+    }
+
+    /// Re-executes the previous binary (a failed or abandoned update). Returns only on failure.
+    pub fn roll_back(&mut self, reason: &str) -> VmError {
+        match &self.inherited {
+            Some(i) if i.handover.rollback_reason.is_none() => {
+                // Whatever this process delivered of the console buffer must not be sent twice.
+                let mut handover = i.handover.clone();
+                if let Some(console) = self.console.take() {
+                    let stopped = console.quiesce();
+                    handover.console_pending_out = stopped.pending_out;
+                    handover.console_pending_in = stopped.pending_in;
+                }
+                cpr_exec::roll_back(&handover, reason).into()
+            }
+            _ => VmError::Injected("no previous binary to roll back to"),
+        }
     }
 
     fn report_progress(
@@ -653,10 +794,12 @@ impl Vm {
                 })
             }
         };
-        if self.mode != MigrationMode::Normal {
-            return Err(VmError::UnsupportedMode(self.mode));
-        }
         let MigrationUri::File(path) = target;
+        match self.mode {
+            MigrationMode::Normal => {}
+            MigrationMode::CprExec => return self.cpr_exec(uri, &path, saved_state),
+            mode => return Err(VmError::UnsupportedMode(mode)),
+        }
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
         self.report_progress(MigrationStatus::Active, "pause", 0, 0, false);
@@ -682,6 +825,131 @@ impl Vm {
         }
         let report = self.finish_report(report, clock, &result);
         result.map(|()| report)
+    }
+
+    /// cpr-exec: pause, save state without RAM, hand RAM and device fds to the new binary and exec it
+    /// in place. Returns only when the update failed before `execve` succeeded; the guest then runs on.
+    fn cpr_exec(
+        &mut self,
+        uri: &str,
+        path: &std::path::Path,
+        saved: SavedRunState,
+    ) -> Result<MigrationReport, VmError> {
+        cpr_exec::preflight(&self.exec_args)?;
+        if let Some(blocker) = self.cpr_exec_blockers().into_iter().next() {
+            return Err(VmError::Incompatible {
+                path: path.to_path_buf(),
+                detail: blocker,
+            });
+        }
+        let mut report = self.start_report(uri, false);
+        let mut clock = PhaseClock::new();
+        let was_running = saved == SavedRunState::Running;
+        let err = (|| -> VmError {
+            if was_running {
+                if let Err(e) = self.pause_vcpus() {
+                    return e;
+                }
+            }
+            let paused_at = monotonic_ns();
+            clock.lap("pause");
+            self.update_status = "cpr-exec: saving".into();
+            match self.exec_paused(path, saved, paused_at, &mut clock, &mut report) {
+                Err(e) => e,
+            }
+        })();
+        warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
+        self.update_status = format!("cpr-exec failed: {err}");
+        if was_running {
+            self.vcpus.control.resume();
+        }
+        let result = Err(err);
+        self.finish_report(report, clock, &result);
+        result.map(|()| MigrationReport::default())
+    }
+
+    fn exec_paused(
+        &mut self,
+        path: &std::path::Path,
+        saved: SavedRunState,
+        paused_at_ns: u64,
+        clock: &mut PhaseClock,
+        report: &mut MigrationReport,
+    ) -> Result<std::convert::Infallible, VmError> {
+        let state = self.capture(saved)?;
+        let meta = encode_meta(&state)?;
+        report.state_bytes = meta.len() as u64;
+        StateWriter::create(path, &meta, 0)?.finish()?;
+        clock.lap("save-state");
+        let Some(console) = self.console.take() else {
+            return Err(VmError::Injected("console missing"));
+        };
+        let console = console.quiesce();
+        let err = self.exec_with(path, paused_at_ns, clock, &console);
+        // Compensation: the console serves again with everything it had.
+        self.console = Some(Console::resume(console, CONSOLE_BUFFER)?);
+        Err(err)
+    }
+
+    fn exec_with(
+        &self,
+        path: &std::path::Path,
+        paused_at_ns: u64,
+        clock: &PhaseClock,
+        console: &ConsoleHandover,
+    ) -> VmError {
+        let previous = match cpr_exec::open_self() {
+            Ok(fd) => fd,
+            Err(e) => return e.into(),
+        };
+        let mut fds = vec![
+            (fd_names::RAM.to_string(), self.ram.raw_fd()),
+            (fd_names::PREVIOUS_BINARY.to_string(), previous.as_raw_fd()),
+        ];
+        if let Some(fd) = self.api_listener_fd {
+            fds.push((fd_names::API_LISTENER.to_string(), fd));
+        }
+        fds.extend(
+            console
+                .named_fds()
+                .into_iter()
+                .map(|(n, fd)| (n.to_string(), fd)),
+        );
+        let argv: Vec<String> = std::env::args().collect();
+        let handover = CprHandover {
+            fds,
+            state_path: path.to_path_buf(),
+            paused_at_ns,
+            exec_at_ns: 0,
+            phases: clock
+                .phases
+                .iter()
+                .map(|(n, d)| (n.clone(), d.as_micros() as u64))
+                .collect(),
+            rollback_argv: cpr_exec::with_incoming_file(&argv, path),
+            console_pending_out: console.pending_out.clone(),
+            console_pending_in: console.pending_in.clone(),
+            console_pty_path: console.pty_path.clone(),
+            from_version: VERSION.to_string(),
+            generation: self.generation + 1,
+            rollback_reason: None,
+        };
+        let handover = CprHandover {
+            exec_at_ns: monotonic_ns(),
+            ..handover
+        };
+        let memfd = match handover.to_memfd() {
+            Ok(m) => m,
+            Err(e) => return CprExecError::from(e).into(),
+        };
+        let mut preserved = PreservedFds::new(handover.fds.clone());
+        if let Err(e) = preserved.clear_cloexec() {
+            return e.into();
+        }
+        info!(binary = %self.exec_args[0], generation = handover.generation, "cpr-exec: exec");
+        let err = cpr_exec::exec(&self.exec_args, None, memfd.as_raw_fd());
+        preserved.restore_cloexec();
+        err.into()
     }
 
     fn capture(&self, run_state: SavedRunState) -> Result<VmState, VmError> {
@@ -788,12 +1056,22 @@ impl Vm {
         {
             return Err(incompatible("vCPU ids are out of order".into()));
         }
-        reader.expect_ram_len(self.ram.size())?;
+        let has_ram = reader.header().has_ram;
+        if has_ram {
+            reader.expect_ram_len(self.ram.size())?;
+        } else if self.inherited.is_none() && self.config.memory.path.is_none() {
+            return Err(incompatible(
+                "it holds no guest RAM (written in cpr-exec or cpr-reboot mode), and this vmmd neither \
+                 inherited the guest's RAM nor maps a RAM file: load it with the vmmd that cpr-exec \
+                 started, or with --memory path= pointing at the guest's RAM file"
+                    .into(),
+            ));
+        }
         clock.lap("load-state");
 
-        let total = self.ram.size();
+        let total = if has_ram { self.ram.size() } else { 0 };
         let mut done = 0u64;
-        for (_, host, len) in self.ram.host_slices() {
+        for (_, host, len) in self.ram.host_slices().into_iter().filter(|_| has_ram) {
             for off in (0..len).step_by(RAM_CHUNK) {
                 let n = RAM_CHUNK.min(len - off);
                 // SAFETY: the mapping is live and owned by `self.ram`; the vCPUs of an incoming VM
@@ -808,7 +1086,17 @@ impl Vm {
         }
         reader.finish()?;
         report.ram_bytes = done;
-        clock.lap("load-ram");
+        if has_ram {
+            clock.lap("load-ram");
+        }
+        match self.config.fault {
+            Some(FaultInjection::CrashDuringLoad) => {
+                warn!("fault injection: aborting while loading the state");
+                std::process::abort();
+            }
+            Some(FaultInjection::FailLoad) => return Err(VmError::Injected("fail-load")),
+            None => {}
+        }
 
         state.vm.restore(&self.vm_fd)?;
         for (fd, s) in self.vcpus.fds.iter().zip(&state.vcpus) {
@@ -827,8 +1115,54 @@ impl Vm {
             SavedRunState::Suspended => RunState::Suspended,
         };
         clock.lap("resume");
+        if let Some(ctx) = self.inherited.take() {
+            self.finish_cpr_incoming(ctx, clock, report);
+        }
         self.set_run_state(next, "incoming migration completed");
         Ok(())
+    }
+
+    /// After a cpr-exec load: merge the old process's timings, report the pause, and close the way
+    /// back (the previous binary fd, the crash handler).
+    fn finish_cpr_incoming(
+        &mut self,
+        ctx: InheritedContext,
+        clock: &mut PhaseClock,
+        report: &mut MigrationReport,
+    ) {
+        cpr_exec::disarm_crash_rollback();
+        let h = &ctx.handover;
+        let resumed_ns = monotonic_ns();
+        let mut phases: Vec<(String, Duration)> = h
+            .phases
+            .iter()
+            .map(|(n, us)| (n.clone(), Duration::from_micros(*us)))
+            .collect();
+        let ns = |a: u64, b: u64| Duration::from_nanos(b.saturating_sub(a));
+        phases.push(("exec".into(), ns(h.exec_at_ns, ctx.started_ns)));
+        let load_started = clock.start;
+        let startup = load_started.elapsed();
+        let load_total: Duration = clock.phases.iter().map(|(_, d)| *d).sum();
+        phases.push((
+            "startup".into(),
+            ns(ctx.started_ns, resumed_ns).saturating_sub(startup.max(load_total)),
+        ));
+        phases.append(&mut clock.phases);
+        clock.phases = phases;
+        report.mode = MigrationMode::CprExec;
+        report.downtime = ns(h.paused_at_ns, resumed_ns);
+        self.generation = h.generation;
+        self.update_status = match &h.rollback_reason {
+            Some(why) => format!("rolled back to this binary: {why}"),
+            None => format!("updated from vmmd {}", h.from_version),
+        };
+        info!(
+            generation = self.generation,
+            pause_us = report.downtime.as_micros() as u64,
+            status = %self.update_status,
+            "cpr-exec: guest resumed"
+        );
+        drop(ctx.held);
     }
 
     /// Seconds-resolution wall time, for logs.

@@ -352,7 +352,7 @@ pub struct Console {
     /// Raw numbers of the fds that stay fixed for the console's life (the client is in `shared`).
     fixed_fds: Vec<(&'static str, RawFd)>,
     socket_file: Option<SocketFile>,
-    thread: Option<JoinHandle<ConsoleFds>>,
+    thread: Option<JoinHandle<Stopped>>,
 }
 
 impl fmt::Debug for Console {
@@ -404,7 +404,7 @@ impl Console {
             }
             SerialBackendSpec::Null => {}
         }
-        let mut console = Self::start(spec.clone(), fds, buffer_bytes)?;
+        let mut console = Self::start(spec.clone(), fds, buffer_bytes, Vec::new())?;
         console.socket_file = socket_file;
         console.pty_path = pty_path;
         Ok(console)
@@ -415,6 +415,7 @@ impl Console {
         spec: SerialBackendSpec,
         fds: ConsoleFds,
         buffer_bytes: usize,
+        pending_in: Vec<u8>,
     ) -> Result<Console, ConsoleError> {
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ConsoleError::EventFd)?;
@@ -457,7 +458,7 @@ impl Console {
                     shared: Arc::clone(&shared),
                     fds,
                     kind,
-                    pending_in: VecDeque::new(),
+                    pending_in: pending_in.into(),
                     client_input_eof: false,
                     out_retry_at: None,
                     in_retry_at: None,
@@ -539,13 +540,137 @@ impl Console {
     }
 }
 
+/// What the console thread gives back when it stops.
+struct Stopped {
+    fds: ConsoleFds,
+    pending_in: Vec<u8>,
+}
+
+/// A stopped console, ready to be carried across `execve` or restarted after a failed one.
+#[derive(Debug)]
+pub struct ConsoleHandover {
+    /// The backend.
+    pub spec: SerialBackendSpec,
+    /// Its fds (close-on-exec as opened; the CPR engine clears the flag for the exec).
+    pub fds: ConsoleFds,
+    /// Guest output not yet delivered.
+    pub pending_out: Vec<u8>,
+    /// Input read but not yet taken by the UART.
+    pub pending_in: Vec<u8>,
+    /// The pty slave path (pty backend).
+    pub pty_path: Option<PathBuf>,
+    socket_file: Option<SocketFile>,
+}
+
+impl ConsoleHandover {
+    /// The fds by CPR table name.
+    pub fn named_fds(&self) -> Vec<(&'static str, RawFd)> {
+        let f = &self.fds;
+        [
+            ("console-listener", &f.listener),
+            ("console-client", &f.client),
+            ("console-pty-master", &f.pty_master),
+            ("console-pty-slave", &f.pty_slave),
+            ("console-file", &f.file),
+        ]
+        .into_iter()
+        .filter_map(|(n, fd)| fd.as_ref().map(|fd| (n, fd.as_raw_fd())))
+        .collect()
+    }
+
+    /// Rebuilds a hand-over from fds inherited across `execve`: `take(name)` yields each fd the
+    /// previous process listed under that name.
+    pub fn inherited(
+        spec: SerialBackendSpec,
+        mut take: impl FnMut(&str) -> Option<OwnedFd>,
+        pending_out: Vec<u8>,
+        pending_in: Vec<u8>,
+        pty_path: Option<PathBuf>,
+    ) -> ConsoleHandover {
+        let fds = ConsoleFds {
+            listener: take("console-listener"),
+            client: take("console-client"),
+            pty_master: take("console-pty-master"),
+            pty_slave: take("console-pty-slave"),
+            file: take("console-file"),
+        };
+        let socket_file = match (&spec, &fds.listener) {
+            (SerialBackendSpec::Socket(path), Some(_)) => {
+                std::fs::symlink_metadata(path).ok().map(|m| SocketFile {
+                    path: path.clone(),
+                    dev: m.dev(),
+                    ino: m.ino(),
+                })
+            }
+            _ => None,
+        };
+        ConsoleHandover {
+            spec,
+            fds,
+            pending_out,
+            pending_in,
+            pty_path,
+            socket_file,
+        }
+    }
+}
+
+impl Console {
+    /// Stops the console thread without closing anything and returns its fds and undelivered
+    /// bytes. The caller must make sure no more guest output arrives (vCPUs paused).
+    pub fn quiesce(mut self) -> ConsoleHandover {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.signal();
+        let stopped = match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(stopped)) => stopped,
+            Some(Err(_)) => {
+                tracing::error!(
+                    "the console thread panicked; the console restarts without a client"
+                );
+                Stopped {
+                    fds: ConsoleFds::default(),
+                    pending_in: Vec::new(),
+                }
+            }
+            None => Stopped {
+                fds: ConsoleFds::default(),
+                pending_in: Vec::new(),
+            },
+        };
+        let pending_out: Vec<u8> = self.shared.out().data.drain(..).collect();
+        ConsoleHandover {
+            spec: self.spec.clone(),
+            fds: stopped.fds,
+            pending_out,
+            pending_in: stopped.pending_in,
+            pty_path: self.pty_path.take(),
+            socket_file: self.socket_file.take(),
+        }
+    }
+
+    /// Restarts a console from a hand-over (after a failed exec, or in the new process).
+    pub fn resume(h: ConsoleHandover, buffer_bytes: usize) -> Result<Console, ConsoleError> {
+        if buffer_bytes == 0 {
+            return Err(ConsoleError::ZeroBuffer);
+        }
+        let mut console = Self::start(h.spec, h.fds, buffer_bytes, h.pending_in)?;
+        console.socket_file = h.socket_file;
+        console.pty_path = h.pty_path;
+        if !h.pending_out.is_empty() {
+            console.shared.out().push(&h.pending_out);
+            console.shared.signal();
+        }
+        Ok(console)
+    }
+}
+
 impl Drop for Console {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.signal();
         if let Some(thread) = self.thread.take() {
             match thread.join() {
-                Ok(fds) => drop(fds),
+                Ok(stopped) => drop(stopped),
                 Err(_) => tracing::error!("the console thread panicked"),
             }
         }
@@ -726,7 +851,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(mut self) -> ConsoleFds {
+    fn run(mut self) -> Stopped {
         tracing::debug!("console thread started");
         let mut in_buf = vec![0u8; IN_CHUNK];
         while !self.shared.stop.load(Ordering::SeqCst) {
@@ -810,7 +935,10 @@ impl Worker {
         // Best effort: hand over what is buffered (blocking only for the file backend).
         self.pump_output();
         tracing::debug!("console thread stopped");
-        self.fds
+        Stopped {
+            fds: self.fds,
+            pending_in: self.pending_in.into(),
+        }
     }
 
     /// The fd output goes to and input comes from, if any.

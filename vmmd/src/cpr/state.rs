@@ -161,7 +161,9 @@ mod tests {
     }
 
     fn sample_file() -> Vec<u8> {
-        let path = std::env::temp_dir().join(format!("vmmd-state-test-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("vmmd-state-test-{}-{n}", std::process::id()));
         let meta = encode_meta(&sample_state()).expect("encode");
         let mut w = StateWriter::create(&path, &meta, 4096).expect("create");
         w.write_ram(&[0x5a; 4096]).expect("ram");

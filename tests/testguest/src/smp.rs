@@ -1,0 +1,94 @@
+//! Application processors: started with INIT/SIPI/SIPI as an OS starts them, then they loop
+//! forever mutating their arena and checking their FPU state, never printing.
+//!
+//! The BSP copies the real-mode trampoline (`boot.rs`) to [`TRAMPOLINE_ADDR`], broadcasts INIT,
+//! SIPI, SIPI through the xAPIC ICR with the "all excluding self" shorthand, and waits 100 ms for
+//! APs to check in. Each AP takes a CPU index with `lock xadd` in the boot code, initialises its
+//! arena, marks itself online and enters [`ap_main`]'s loop.
+
+use crate::boot::{ap_trampoline, ap_trampoline_end, TRAMPOLINE_ADDR, TRAMPOLINE_VECTOR};
+use crate::fpu::{self, Fpu};
+use crate::{arena, time, MAX_CPUS};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
+
+const LAPIC_BASE: usize = 0xfee0_0000;
+const LAPIC_SVR: usize = 0xf0; // spurious-interrupt vector register
+const LAPIC_ICR_LO: usize = 0x300;
+const LAPIC_ICR_HI: usize = 0x310;
+const ICR_ALL_EXCLUDING_SELF: u32 = 0b11 << 18;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+const ICR_INIT: u32 = 0b101 << 8;
+const ICR_STARTUP: u32 = 0b110 << 8;
+
+/// Seed shared with the APs (set by the BSP before it starts them).
+pub static SEED: AtomicU64 = AtomicU64::new(0);
+/// Iterations completed by each CPU's loop.
+pub static ITERS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// CPUs that have checked in (set by each AP once its arena is ready; the BSP is always online).
+pub static ONLINE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
+
+fn lapic_read(reg: usize) -> u32 {
+    // SAFETY: the local APIC page is identity mapped (uncacheable).
+    unsafe { read_volatile((LAPIC_BASE + reg) as *const u32) }
+}
+
+fn lapic_write(reg: usize, v: u32) {
+    // SAFETY: as in `lapic_read`.
+    unsafe { write_volatile((LAPIC_BASE + reg) as *mut u32, v) }
+}
+
+/// Sends an IPI to all CPUs but this one and waits (bounded) for the APIC to accept it.
+fn broadcast_ipi(icr_lo: u32) {
+    lapic_write(LAPIC_ICR_HI, 0);
+    lapic_write(LAPIC_ICR_LO, ICR_ALL_EXCLUDING_SELF | icr_lo);
+    for _ in 0..1000 {
+        if lapic_read(LAPIC_ICR_LO) & ICR_DELIVERY_PENDING == 0 {
+            break;
+        }
+        time::delay_us(1);
+    }
+}
+
+/// Starts every AP the machine has; returns the number of online CPUs (BSP included).
+pub fn start_aps() -> usize {
+    ONLINE[0].store(true, Release);
+    // SAFETY: copies the trampoline's bytes to low RAM that nothing else uses after boot.
+    unsafe {
+        let start = core::ptr::addr_of!(ap_trampoline);
+        let len = core::ptr::addr_of!(ap_trampoline_end) as usize - start as usize;
+        core::ptr::copy_nonoverlapping(start, TRAMPOLINE_ADDR as *mut u8, len);
+    }
+    // Software-enable the local APIC (spurious vector 0xff), as an OS does. IF stays clear.
+    lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x1ff);
+
+    broadcast_ipi(ICR_INIT | ICR_LEVEL_ASSERT);
+    time::delay_us(10_000);
+    for _ in 0..2 {
+        broadcast_ipi(ICR_STARTUP | ICR_LEVEL_ASSERT | TRAMPOLINE_VECTOR);
+        time::delay_us(200);
+    }
+    time::delay_us(100_000);
+    1 + CHECKED_IN.load(Acquire).min(MAX_CPUS - 1)
+}
+
+/// An AP's life after boot (called from `boot.rs` with its index, 1..MAX_CPUS).
+pub extern "C" fn ap_main(cpu: u32) -> ! {
+    let cpu = cpu as usize;
+    let seed = SEED.load(Acquire);
+    arena::init(cpu, seed);
+    let mut fpu = Fpu::start(cpu);
+    ONLINE[cpu].store(true, Release);
+    CHECKED_IN.fetch_add(1, AcqRel);
+    let hold = fpu::ap_hold_ticks();
+    let mut iter = 0u64;
+    loop {
+        arena::step(cpu, iter, seed);
+        fpu.check_and_advance();
+        fpu.hold(hold);
+        iter += 1;
+        ITERS[cpu].store(iter, Release);
+    }
+}

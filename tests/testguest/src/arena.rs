@@ -13,8 +13,8 @@
 //! only if `seq` did not move meanwhile.
 
 use crate::cpu::read_word;
-use crate::memory::{check_page as check_words, write_page};
 use crate::memory::splitmix64;
+use crate::memory::{check_page as check_words, write_page};
 use crate::report::{self, What};
 use crate::MAX_CPUS;
 use core::cell::UnsafeCell;
@@ -59,8 +59,8 @@ fn check_page(base: u64, seed: u64, gen: u64) -> Option<(u64, u64, u64)> {
 
 /// Writes generation 0 over all of `cpu`'s pages. The owner calls it once before going online.
 pub fn init(cpu: usize, seed: u64) {
-    for page in 0..ARENA_PAGES {
-        SEQ[cpu][page].store(0, Relaxed);
+    for (page, seq) in SEQ[cpu].iter().enumerate() {
+        seq.store(0, Relaxed);
         let base = page_addr(cpu, page);
         // SAFETY: the page belongs to `cpu`, the caller.
         unsafe { write_page(base, value(base, seed, 0)) };
@@ -89,9 +89,8 @@ pub fn step(cpu: usize, iter: u64, seed: u64) {
 /// Checks every page of `cpu`'s arena while its owner may be running (BSP, for `v`). A bad page
 /// is recorded; the error is its failure number.
 pub fn verify(cpu: usize, seed: u64) -> Result<(), u64> {
-    for page in 0..ARENA_PAGES {
+    for (page, seq) in SEQ[cpu].iter().enumerate() {
         let base = page_addr(cpu, page);
-        let seq = &SEQ[cpu][page];
         // A few tries: each fails only if the owner rewrote the page under us.
         for _ in 0..100 {
             let s1 = seq.load(Acquire);
@@ -105,7 +104,14 @@ pub fn verify(cpu: usize, seed: u64) -> Result<(), u64> {
                 continue;
             }
             if let Some((addr, expected, got)) = bad {
-                return Err(report::record(What::Arena, cpu, s1 / 2, addr, expected, got));
+                return Err(report::record(
+                    What::Arena,
+                    cpu,
+                    s1 / 2,
+                    addr,
+                    expected,
+                    got,
+                ));
             }
             break;
         }

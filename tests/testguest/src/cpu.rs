@@ -6,20 +6,26 @@ use core::arch::asm;
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O has no memory effects; the guest owns the whole machine.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: as for `inb`.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a 16-bit word to an I/O port (ACPI PM1 control registers are 16 bits wide).
 pub fn outw(port: u16, v: u16) {
     // SAFETY: as for `inb`.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads the time-stamp counter.
@@ -95,7 +101,9 @@ static EMULATED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool
 pub fn detect_emulation() -> bool {
     let start = rdtsc();
     // SAFETY: a register-only loop.
-    unsafe { asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) 2000u64 => _, options(nomem, nostack)) };
+    unsafe {
+        asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) 2000u64 => _, options(nomem, nostack))
+    };
     let emulated = rdtsc().wrapping_sub(start) > 100 * crate::time::ticks_per_us();
     EMULATED.store(emulated, core::sync::atomic::Ordering::Release);
     emulated

@@ -112,7 +112,12 @@ impl Fpu {
         let bufs = unsafe { (BUFFERS.0.get() as *mut Buffers).add(cpu) };
         // SAFETY: this CPU's buffers; invalidate `value`'s cache.
         unsafe { write_volatile(&raw mut (*bufs).base_iter, u64::MAX) };
-        let fpu = Fpu { cpu, avx: avx_usable(), iter: 0, bufs };
+        let fpu = Fpu {
+            cpu,
+            avx: avx_usable(),
+            iter: 0,
+            bufs,
+        };
         fpu.build_image(0);
         // SAFETY: the image is a valid FXSAVE area (reserved MXCSR bits clear), 16-byte aligned.
         unsafe {
@@ -127,7 +132,32 @@ impl Fpu {
             fpu.build_ymm(0);
             fpu.ymm_swap();
         }
+        fpu.build_hold(0);
         fpu
+    }
+
+    /// How many iterations apart `check_and_advance` should run (a power of two): every iteration
+    /// natively; every
+    /// 16th under instruction emulation, where each instruction costs about a microsecond (the
+    /// registers hold their values all the time either way).
+    pub fn check_every() -> u64 {
+        if emulated() {
+            16
+        } else {
+            1
+        }
+    }
+
+    fn build_hold(&self, iter: u64) {
+        for i in 0..16 {
+            // SAFETY: this CPU's buffers.
+            unsafe {
+                write_volatile(
+                    &mut (*self.bufs).hold_in[i],
+                    self.value(iter, 128 + i as u64),
+                )
+            };
+        }
     }
 
     /// Whether the ymm upper halves are checked.
@@ -141,14 +171,18 @@ impl Fpu {
     #[inline(never)]
     fn value(&self, iter: u64, slot: u64) -> u64 {
         // SAFETY: this CPU's buffers.
-        let (cached_iter, cached) = unsafe { (&raw mut (*self.bufs).base_iter, &raw mut (*self.bufs).base) };
+        let (cached_iter, cached) =
+            unsafe { (&raw mut (*self.bufs).base_iter, &raw mut (*self.bufs).base) };
         // SAFETY: as above.
         unsafe {
             if read_volatile(cached_iter) != iter {
                 write_volatile(cached_iter, iter);
                 write_volatile(cached, splitmix64(((self.cpu as u64) << 56) ^ iter));
             }
-            read_volatile(cached) ^ (slot + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(slot as u32)
+            read_volatile(cached)
+                ^ (slot + 1)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .rotate_left(slot as u32)
         }
     }
 
@@ -163,7 +197,10 @@ impl Fpu {
     /// x87 register `k` of iteration `iter`: (64-bit significand, sign + exponent), a normal number.
     fn st(&self, iter: u64, k: usize) -> (u64, u16) {
         let v = self.value(iter, k as u64);
-        (v | 1 << 63, 0x3f80 + ((v >> 48) & 0x7f) as u16 | ((v & 1) as u16) << 15)
+        (
+            v | 1 << 63,
+            (0x3f80 + ((v >> 48) & 0x7f) as u16) | (((v & 1) as u16) << 15),
+        )
     }
 
     /// Writes iteration `iter`'s values into the `fxrstor` image.
@@ -221,9 +258,14 @@ impl Fpu {
         }
         for k in 0..8 {
             let (mant, exp) = self.st(iter, k);
-            let (got_mant, got_exp): (u64, u16) = (get(saved, FX_ST0 + 16 * k), get(saved, FX_ST0 + 16 * k + 8));
+            let (got_mant, got_exp): (u64, u16) =
+                (get(saved, FX_ST0 + 16 * k), get(saved, FX_ST0 + 16 * k + 8));
             if got_mant != mant || got_exp != exp {
-                let (e, g) = if got_mant != mant { (mant, got_mant) } else { (exp as u64, got_exp as u64) };
+                let (e, g) = if got_mant != mant {
+                    (mant, got_mant)
+                } else {
+                    (exp as u64, got_exp as u64)
+                };
                 self.fail(What::X87, k as u64, e, g);
                 break;
             }
@@ -255,16 +297,14 @@ impl Fpu {
                 }
             }
         }
+        self.build_hold(next);
         self.iter = next;
     }
 
-    /// Loads xmm0..xmm7 with values of the current iteration, spins `ticks` TSC ticks, and
+    /// Loads xmm0..xmm7 with values of the current iteration (computed by `check_and_advance`),
+    /// spins `ticks` TSC ticks, and
     /// checks that they were not changed meanwhile.
     pub fn hold(&self, ticks: u64) {
-        for i in 0..16 {
-            // SAFETY: this CPU's buffers.
-            unsafe { write_volatile(&mut (*self.bufs).hold_in[i], self.value(self.iter, 128 + i as u64)) };
-        }
         // SAFETY: only the declared registers are touched; legacy SSE moves leave the ymm upper
         // halves alone.
         unsafe {
@@ -301,8 +341,12 @@ impl Fpu {
         };
         for i in 0..16 {
             // SAFETY: this CPU's buffers.
-            let (expected, got) =
-                unsafe { (read_volatile(&(*self.bufs).hold_in[i]), read_volatile(&(*self.bufs).hold_out[i])) };
+            let (expected, got) = unsafe {
+                (
+                    read_volatile(&(*self.bufs).hold_in[i]),
+                    read_volatile(&(*self.bufs).hold_out[i]),
+                )
+            };
             if got != expected {
                 self.fail(What::Xmm, reg(i / 2, i % 2), expected, got);
                 break;

@@ -59,7 +59,11 @@ extern "C" fn bsp_main(start_info: u32) -> ! {
         .s(" exec=")
         .s(if emulated { "emulated" } else { "native" })
         .s(" pattern=")
-        .s(if memory::full_pages() { "full" } else { "stamps" })
+        .s(if memory::full_pages() {
+            "full"
+        } else {
+            "stamps"
+        })
         .s(" avx=")
         .dec(fpu.avx() as u64)
         .s(" pm1a_cnt=")
@@ -79,7 +83,8 @@ extern "C" fn bsp_main(start_info: u32) -> ! {
         .end();
     memory::fill(layout, seed);
 
-    let ram_mib = (info.ram_bytes() + (1 << 19)) >> 20;
+    // Rounded up: the map leaves out the legacy hole and firmware areas below 1 MiB.
+    let ram_mib = (info.ram_bytes() + (1 << 20) - 1) >> 20;
     uart::line()
         .s("READY cpus=")
         .dec(cpus as u64)

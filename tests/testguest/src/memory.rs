@@ -18,11 +18,11 @@
 
 use crate::boot::{image_range, IDENTITY_MAP_BYTES};
 use crate::cpu::{emulated, fill_words, find_other_word, read_word};
-use core::ptr::write_volatile;
 use crate::pvh::{BootInfo, E820_RAM, MAX_MEMMAP};
 use crate::report::{self, What};
 use core::cell::UnsafeCell;
 use core::ptr::read_volatile;
+use core::ptr::write_volatile;
 
 /// Start of the static region: everything below is left alone.
 const LOW_LIMIT: u64 = 1 << 20;
@@ -62,8 +62,10 @@ pub struct Layout {
 struct LayoutCell(UnsafeCell<Layout>);
 // SAFETY: written once by the BSP before it starts using it; only the BSP uses it.
 unsafe impl Sync for LayoutCell {}
-static LAYOUT: LayoutCell =
-    LayoutCell(UnsafeCell::new(Layout { regions: [Region { start: 0, end: 0 }; MAX_MEMMAP + 1], len: 0 }));
+static LAYOUT: LayoutCell = LayoutCell(UnsafeCell::new(Layout {
+    regions: [Region { start: 0, end: 0 }; MAX_MEMMAP + 1],
+    len: 0,
+}));
 
 impl Layout {
     /// Computes the static region from the memory map (once, on the BSP).
@@ -180,14 +182,15 @@ pub fn verify(layout: &Layout, seed: u64, tick: &mut dyn FnMut()) -> Result<u64,
             if let Some(addr) = unsafe { check_page(page, expected) } {
                 if bad == 0 {
                     // SAFETY: `addr` is inside the page just scanned.
-                    (first_addr, first_expected, first_got) = (addr, expected, unsafe { read_word(addr) });
+                    (first_addr, first_expected, first_got) =
+                        (addr, expected, unsafe { read_word(addr) });
                 }
                 bad += 1;
             }
             let words = if full_pages() { WORDS_PER_PAGE } else { 2 };
             hash = (hash.rotate_left(23) ^ expected ^ words).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             pages += 1;
-            if pages % TICK_PAGES == 0 {
+            if pages & (TICK_PAGES - 1) == 0 {
                 tick();
             }
             page += PAGE;
@@ -196,6 +199,13 @@ pub fn verify(layout: &Layout, seed: u64, tick: &mut dyn FnMut()) -> Result<u64,
     if bad == 0 {
         Ok(splitmix64(hash ^ pages))
     } else {
-        Err(report::record(What::Memory, 0, bad, first_addr, first_expected, first_got))
+        Err(report::record(
+            What::Memory,
+            0,
+            bad,
+            first_addr,
+            first_expected,
+            first_got,
+        ))
     }
 }

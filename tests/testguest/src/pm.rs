@@ -34,8 +34,14 @@ impl Pm {
     /// Finds the PM1a control register (see the module comment).
     pub fn find(rsdp_hint: u64) -> Pm {
         match find_pm1a_cnt(rsdp_hint) {
-            Some(port) => Pm { pm1a_cnt: port, source: "acpi" },
-            None => Pm { pm1a_cnt: DEFAULT_PM1A_CNT, source: "default" },
+            Some(port) => Pm {
+                pm1a_cnt: port,
+                source: "acpi",
+            },
+            None => Pm {
+                pm1a_cnt: DEFAULT_PM1A_CNT,
+                source: "default",
+            },
         }
     }
 
@@ -70,7 +76,10 @@ const FACP_SIG: u32 = u32::from_le_bytes(*b"FACP");
 
 /// True if `[paddr, paddr + len)` is non-null and inside the identity map.
 fn mapped(paddr: u64, len: u64) -> bool {
-    paddr != 0 && paddr.checked_add(len).is_some_and(|end| end <= IDENTITY_MAP_BYTES)
+    paddr != 0
+        && paddr
+            .checked_add(len)
+            .is_some_and(|end| end <= IDENTITY_MAP_BYTES)
 }
 
 /// Sum of `len` bytes at `paddr`, modulo 256 (ACPI checksums make it 0).

@@ -51,7 +51,12 @@ struct BootInfoCell(UnsafeCell<BootInfo>);
 unsafe impl Sync for BootInfoCell {}
 static BOOT_INFO: BootInfoCell = BootInfoCell(UnsafeCell::new(BootInfo {
     rsdp: 0,
-    memmap: [MemmapEntry { addr: 0, size: 0, kind: 0, reserved: 0 }; MAX_MEMMAP],
+    memmap: [MemmapEntry {
+        addr: 0,
+        size: 0,
+        kind: 0,
+        reserved: 0,
+    }; MAX_MEMMAP],
     memmap_len: 0,
 }));
 

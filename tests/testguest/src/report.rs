@@ -87,8 +87,12 @@ struct Slot {
 unsafe impl Sync for Slot {}
 
 static COUNT: AtomicU64 = AtomicU64::new(0);
-static LOG: [Slot; LOG_LEN] =
-    [const { Slot { ready: AtomicBool::new(false), words: UnsafeCell::new([0; WORDS]) } }; LOG_LEN];
+static LOG: [Slot; LOG_LEN] = [const {
+    Slot {
+        ready: AtomicBool::new(false),
+        words: UnsafeCell::new([0; WORDS]),
+    }
+}; LOG_LEN];
 
 /// Records a failure (any CPU); returns its number. `iter` is the detecting CPU's iteration (for
 /// `memory`: the number of bad pages; `arena`: the page's generation; `stall`: the AP's
@@ -139,26 +143,68 @@ pub fn print(i: u64, l: Line) -> Line {
     else {
         return l.s("overflow cpu=0 total=").dec(count());
     };
-    let Some(what) = What::from_u8(w0 as u8) else { return l.s("overflow cpu=0 total=").dec(count()) };
+    let Some(what) = What::from_u8(w0 as u8) else {
+        return l.s("overflow cpu=0 total=").dec(count());
+    };
     let l = l.s(what.name()).s(" cpu=").dec(w0 >> 8);
     let (idx, lane) = (loc & 0xff, (loc >> 8) & 0xff);
     match what {
         What::Memory => l
-            .s(" addr=").hex(loc).s(" expected=").hex(expected).s(" got=").hex(got)
-            .s(" bad_pages=").dec(iter),
+            .s(" addr=")
+            .hex(loc)
+            .s(" expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got)
+            .s(" bad_pages=")
+            .dec(iter),
         What::Arena => l
-            .s(" addr=").hex(loc).s(" expected=").hex(expected).s(" got=").hex(got)
-            .s(" gen=").dec(iter),
+            .s(" addr=")
+            .hex(loc)
+            .s(" expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got)
+            .s(" gen=")
+            .dec(iter),
         What::Tsc => l.s(" before=").hex(expected).s(" after=").hex(got),
         What::Stall => l.s(" iters=").dec(iter),
-        What::Mxcsr => l.s(" iter=").dec(iter).s(" expected=").hex(expected).s(" got=").hex(got),
+        What::Mxcsr => l
+            .s(" iter=")
+            .dec(iter)
+            .s(" expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got),
         What::X87 if idx == 8 => l
-            .s(" iter=").dec(iter).s(" reg=fcw expected=").hex(expected).s(" got=").hex(got),
+            .s(" iter=")
+            .dec(iter)
+            .s(" reg=fcw expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got),
         What::X87 => l
-            .s(" iter=").dec(iter).s(" reg=st").dec(idx).s(" expected=").hex(expected).s(" got=").hex(got),
+            .s(" iter=")
+            .dec(iter)
+            .s(" reg=st")
+            .dec(idx)
+            .s(" expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got),
         What::Xmm | What::Ymm => l
-            .s(" iter=").dec(iter).s(" reg=").s(what.name()).dec(idx).s("[").dec(lane).s("]")
-            .s(" expected=").hex(expected).s(" got=").hex(got),
+            .s(" iter=")
+            .dec(iter)
+            .s(" reg=")
+            .s(what.name())
+            .dec(idx)
+            .s("[")
+            .dec(lane)
+            .s("]")
+            .s(" expected=")
+            .hex(expected)
+            .s(" got=")
+            .hex(got),
     }
 }
 

@@ -83,10 +83,13 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
     ONLINE[cpu].store(true, Release);
     CHECKED_IN.fetch_add(1, AcqRel);
     let hold = fpu::ap_hold_ticks();
+    let check_every = Fpu::check_every();
     let mut iter = 0u64;
     loop {
         arena::step(cpu, iter, seed);
-        fpu.check_and_advance();
+        if iter & (check_every - 1) == 0 {
+            fpu.check_and_advance();
+        }
         fpu.hold(hold);
         iter += 1;
         ITERS[cpu].store(iter, Release);

@@ -66,10 +66,14 @@ pub enum Command {
     },
     /// Show status and per-phase timings of the last migration.
     QueryMigrate,
-    /// Set the mode the next `migrate` uses.
+    /// Set the mode the next `migrate` uses (and, for cpr-exec, the new binary's command line).
     SetMode {
         /// The migration mode.
         mode: Mode,
+        /// cpr-exec: the new vmmd and its arguments, after `--` (must include `--incoming defer`
+        /// or `--incoming file:PATH`). Omitted: vmmd keeps the current ones.
+        #[arg(last = true, value_name = "EXEC_ARGS")]
+        exec_args: Vec<String>,
     },
     /// Stream runstate changes and migration progress until interrupted.
     Events,
@@ -239,18 +243,20 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
             // Reporting a past failure is not itself a failure of this command.
             emit(&MigrationView::from(r.into_inner()), json)
         }
-        Command::SetMode { mode } => {
+        Command::SetMode { mode, exec_args } => {
             let params = MigrationParameters {
                 mode: MigrationMode::from(mode) as i32,
-                exec_args: Vec::new(),
+                exec_args,
             };
             let r = vmm
                 .set_migration_parameters(params)
                 .await
                 .map_err(|s| ClientError::rpc("set-mode", s))?;
+            let r = r.into_inner();
             emit(
                 &ModeView {
-                    mode: mode_name(r.into_inner().mode),
+                    mode: mode_name(r.mode),
+                    exec_args: r.exec_args,
                 },
                 json,
             )
@@ -339,10 +345,23 @@ mod tests {
         let cli = parse(&["--socket", "s", "set-mode", "cpr-exec"]).expect("parses");
         assert!(matches!(
             cli.command,
-            Command::SetMode {
-                mode: Mode::CprExec
-            }
+            Command::SetMode { mode: Mode::CprExec, ref exec_args } if exec_args.is_empty()
         ));
+        let cli = parse(&[
+            "set-mode",
+            "cpr-exec",
+            "--",
+            "/usr/bin/vmmd",
+            "--incoming",
+            "defer",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::SetMode { exec_args, .. } => {
+                assert_eq!(exec_args, ["/usr/bin/vmmd", "--incoming", "defer"]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
         let err = parse(&["--socket", "s", "set-mode", "warp"]).expect_err("unknown mode");
         assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
         assert!(parse(&["migrate"]).is_err(), "migrate needs a URI");

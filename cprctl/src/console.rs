@@ -103,10 +103,7 @@ fn attach_with(path: &Path, linger: Duration, interactive: bool) -> Result<Ended
     })?;
     let _raw = if interactive {
         let guard = RawMode::enable()?;
-        eprint!(
-            "Connected to {}. Press Ctrl-] to detach.\n",
-            path.display()
-        );
+        eprintln!("Connected to {}. Press Ctrl-] to detach.", path.display());
         Some(guard)
     } else {
         None

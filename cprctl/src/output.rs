@@ -72,6 +72,16 @@ pub struct StatusView {
     pub uptime_ms: u64,
     /// The VM's configuration.
     pub config: ConfigView,
+    /// The running binary.
+    pub executable: String,
+    /// State-file format version this vmmd writes.
+    pub state_format_version: u32,
+    /// Live updates this guest has been through.
+    pub update_generation: u64,
+    /// The last update step this process saw; `null` when none.
+    pub update_status: Option<String>,
+    /// Why a cpr-exec update is not possible right now (empty: it is).
+    pub cpr_exec_blockers: Vec<String>,
 }
 
 /// The VM configuration part of `status`.
@@ -122,6 +132,11 @@ impl From<InfoResponse> for StatusView {
             pid: info.pid,
             uptime_ms: info.uptime_ms,
             config,
+            executable: info.executable,
+            state_format_version: info.state_format_version,
+            update_generation: info.update_generation,
+            update_status: non_empty(info.update_status),
+            cpr_exec_blockers: info.cpr_exec_blockers,
         }
     }
 }
@@ -134,6 +149,22 @@ impl Render for StatusView {
         let _ = writeln!(s, "version:    {}", self.version);
         let _ = writeln!(s, "pid:        {}", self.pid);
         let _ = writeln!(s, "uptime:     {}", format_millis(self.uptime_ms));
+        if !self.executable.is_empty() {
+            let _ = writeln!(s, "executable: {}", self.executable);
+        }
+        let _ = writeln!(s, "state fmt:  v{}", self.state_format_version);
+        let _ = writeln!(s, "updates:    {}", self.update_generation);
+        if let Some(status) = &self.update_status {
+            let _ = writeln!(s, "update:     {status}");
+        }
+        if self.cpr_exec_blockers.is_empty() {
+            let _ = writeln!(s, "cpr-exec:   possible");
+        } else {
+            let _ = writeln!(s, "cpr-exec:   blocked");
+            for b in &self.cpr_exec_blockers {
+                let _ = writeln!(s, "  - {b}");
+            }
+        }
         let _ = writeln!(s, "vcpus:      {}", c.vcpus);
         let backing = c.memory_path.as_deref().unwrap_or("memfd");
         let _ = writeln!(
@@ -192,11 +223,17 @@ impl Render for QuitView {
 pub struct ModeView {
     /// `normal`, `cpr-exec` or `cpr-reboot`.
     pub mode: &'static str,
+    /// cpr-exec: the new binary and its arguments.
+    pub exec_args: Vec<String>,
 }
 
 impl Render for ModeView {
     fn human(&self) -> String {
-        format!("migration mode: {}\n", self.mode)
+        let mut s = format!("migration mode: {}\n", self.mode);
+        if !self.exec_args.is_empty() {
+            let _ = writeln!(s, "exec:           {}", self.exec_args.join(" "));
+        }
+        s
     }
 }
 
@@ -505,8 +542,19 @@ mod tests {
                 api_socket: "/a.sock".into(),
                 incoming: "defer".into(),
             }),
+            cpr_exec_blockers: vec!["RAM is private".into()],
+            update_generation: 3,
+            executable: "/usr/bin/vmmd".into(),
+            state_format_version: 2,
+            update_status: String::new(),
         };
-        let v = to_json(&StatusView::from(info));
+        let view = StatusView::from(info);
+        let human = view.human();
+        assert!(
+            human.contains("cpr-exec:   blocked\n  - RAM is private\n"),
+            "{human}"
+        );
+        let v = to_json(&view);
         assert_eq!(
             v,
             json!({
@@ -524,7 +572,12 @@ mod tests {
                     "serial_pty": null,
                     "api_socket": "/a.sock",
                     "incoming": "defer",
-                }
+                },
+                "executable": "/usr/bin/vmmd",
+                "state_format_version": 2,
+                "update_generation": 3,
+                "update_status": null,
+                "cpr_exec_blockers": ["RAM is private"],
             })
         );
     }

@@ -105,14 +105,26 @@ impl Api {
         self.rt.block_on(c.quit(QuitRequest {})).map(|_| ())
     }
 
-    /// SetMigrationParameters with `mode`; returns the mode now in force.
+    /// SetMigrationParameters with `mode`, keeping the exec arguments; returns the mode now in force.
     pub fn set_mode(&self, mode: MigrationMode) -> Result<MigrationMode, Status> {
+        self.set_migration_parameters(mode, Vec::new())
+            .map(|p| MigrationMode::try_from(p.mode).unwrap_or(MigrationMode::Unspecified))
+    }
+
+    /// SetMigrationParameters; `exec_args` empty keeps the current ones.
+    pub fn set_migration_parameters(
+        &self,
+        mode: MigrationMode,
+        exec_args: Vec<String>,
+    ) -> Result<MigrationParameters, Status> {
         let mut c = self.client.clone();
-        let r = self
-            .rt
-            .block_on(c.set_migration_parameters(MigrationParameters { mode: mode as i32 }))?
-            .into_inner();
-        Ok(MigrationMode::try_from(r.mode).unwrap_or(MigrationMode::Unspecified))
+        let params = MigrationParameters {
+            mode: mode as i32,
+            exec_args,
+        };
+        self.rt
+            .block_on(c.set_migration_parameters(params))
+            .map(|r| r.into_inner())
     }
 
     /// Migrate to `uri`.

@@ -27,12 +27,13 @@ fn pause_stops_heartbeats_and_resume_restarts_them() {
         console.output_tail(200)
     );
     assert!(console.max_heartbeat_gap(quiet_from, quiet_to) >= SILENCE);
-    // Pausing twice is refused: the VM is not running.
-    let again = vmm
-        .api()
-        .pause()
-        .expect_err("a second Pause must be refused");
-    assert_eq!(again.code(), tonic::Code::FailedPrecondition, "{again:?}");
+    // Pause is idempotent: a second one keeps the VM paused.
+    assert_eq!(vmm.api().pause().expect("second Pause"), RunState::Paused);
+    assert_eq!(
+        console.heartbeats_since(quiet_from),
+        0,
+        "heartbeats after a second Pause"
+    );
 
     assert_eq!(vmm.api().resume().expect("Resume"), RunState::Running);
     assert_eq!(vmm.api().run_state(), RunState::Running);
@@ -49,14 +50,18 @@ fn pause_stops_heartbeats_and_resume_restarts_them() {
 }
 
 #[test]
-fn resume_of_a_running_vm_is_refused() {
-    let (vmm, mut console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+fn pause_of_a_vm_waiting_for_migration_is_refused() {
+    let vmm = VmmdProcess::spawn(VmmdOptions::new(1, "64M").incoming("defer"));
+    let err = vmm
+        .api()
+        .pause()
+        .expect_err("Pause while inmigrate must be refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("inmigrate"), "{err:?}");
     let err = vmm
         .api()
         .resume()
-        .expect_err("Resume of a running VM must be refused");
+        .expect_err("Resume while inmigrate must be refused");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("running"), "{err:?}");
-    assert_eq!(vmm.api().run_state(), RunState::Running);
-    console.verify().expect_ok();
+    assert_eq!(vmm.api().run_state(), RunState::Inmigrate);
 }

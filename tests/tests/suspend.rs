@@ -29,6 +29,11 @@ fn guest_suspend_and_system_wakeup() {
         console.output_tail(200)
     );
     assert_eq!(vmm.api().run_state(), RunState::Suspended);
+    // Resume is not how a suspended guest wakes up; vmmd says what to use.
+    let err = vmm.api().resume().expect_err("Resume of a suspended guest");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("wakeup"), "{err:?}");
+    assert_eq!(vmm.api().run_state(), RunState::Suspended);
 
     assert_eq!(vmm.api().wakeup().expect("SystemWakeup"), RunState::Running);
     console.wait_for_line("WAKE", Duration::from_secs(30));

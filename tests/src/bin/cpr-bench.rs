@@ -51,8 +51,13 @@ struct Sample {
     restore: Value,
 }
 
+/// Rounded to the microsecond: more digits would only be noise.
+fn round3(x: f64) -> f64 {
+    (x * 1e3).round() / 1e3
+}
+
 fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
+    round3(d.as_secs_f64() * 1e3)
 }
 
 /// The figures vmmd reports for a migration, in milliseconds.
@@ -60,7 +65,7 @@ fn migration_figures(info: &MigrationInfo) -> Value {
     let phases: BTreeMap<_, _> = info
         .phases
         .iter()
-        .map(|p| (p.name.clone(), p.micros as f64 / 1e3))
+        .map(|p| (p.name.clone(), round3(p.micros as f64 / 1e3)))
         .collect();
     json!({
         "total_ms": info.total_micros as f64 / 1e3,
@@ -71,12 +76,24 @@ fn migration_figures(info: &MigrationInfo) -> Value {
     })
 }
 
+/// Removes a file-backed guest RAM file when a run ends, however it ends.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 fn one_run(size: &str, args: &Args) -> Result<Sample> {
     let dir = TestDir::new("bench");
     let mut opts = VmmdOptions::new(args.vcpus, size).in_dir(&dir);
     if let Some(mem_dir) = &args.memory_dir {
         opts = opts.memory_path(mem_dir.join(format!("cpr-bench-{}.ram", std::process::id())));
     }
+    let _ram_file = RemoveOnDrop(opts.memory_path.clone());
     let mut s = Sample::default();
 
     // Boot and overhead.
@@ -109,6 +126,7 @@ fn one_run(size: &str, args: &Args) -> Result<Sample> {
         process_rss_excluding_guest_ram(src.pid(), opts.memory_path.as_deref())
             .context("reading vmmd's smaps")? as f64
             / 1024.0;
+    s.rss_excluding_guest_ram_kib = round3(s.rss_excluding_guest_ram_kib);
     let hash = console.verify().expect_ok();
 
     // Save.
@@ -169,7 +187,12 @@ fn stats(values: &[f64]) -> Value {
     } else {
         (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
     };
-    json!({"min": v[0], "median": median, "max": v[v.len() - 1], "n": v.len()})
+    json!({
+        "min": round3(v[0]),
+        "median": round3(median),
+        "max": round3(v[v.len() - 1]),
+        "n": v.len(),
+    })
 }
 
 fn field_stats(samples: &[Sample], f: impl Fn(&Sample) -> f64) -> Value {

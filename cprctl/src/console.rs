@@ -236,9 +236,96 @@ impl Drop for RawMode {
     }
 }
 
+/// What a byte of guest console output meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// A `.` between lines.
+    Heartbeat,
+    /// A complete line.
+    Line(String),
+}
+
+/// Splits the guest's console byte stream into heartbeats and lines.
+///
+/// A `\n` outside a line opens one; the next `\n` closes it. Bytes other than `.` outside a
+/// line also open one, so unframed text (vmmd's own `vmmd: console busy` message) is a line too.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    in_line: bool,
+    buf: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Feeds one byte; returns what it completed, if anything.
+    pub fn push(&mut self, b: u8) -> Option<Token> {
+        match (self.in_line, b) {
+            (false, b'.') => Some(Token::Heartbeat),
+            (false, b'\n') => {
+                self.in_line = true;
+                None
+            }
+            (false, b'\r') => None,
+            (false, other) => {
+                self.in_line = true;
+                self.buf.push(other);
+                None
+            }
+            // "\n\n": an empty line is just a fresh opening.
+            (true, b'\n') if self.buf.is_empty() => None,
+            (true, b'\n') => {
+                self.in_line = false;
+                let text = String::from_utf8_lossy(&self.buf).into_owned();
+                self.buf.clear();
+                Some(Token::Line(text))
+            }
+            (true, b'\r') => None,
+            (true, other) => {
+                self.buf.push(other);
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split(input: &[u8]) -> Vec<Token> {
+        let mut s = LineSplitter::default();
+        input.iter().filter_map(|&b| s.push(b)).collect()
+    }
+
+    #[test]
+    fn heartbeats_between_framed_lines() {
+        let tokens = split(b"..\nREADY cpus=2\n...\nVERIFY OK 00ff\n.");
+        assert_eq!(
+            tokens,
+            [
+                Token::Heartbeat,
+                Token::Heartbeat,
+                Token::Line("READY cpus=2".into()),
+                Token::Heartbeat,
+                Token::Heartbeat,
+                Token::Heartbeat,
+                Token::Line("VERIFY OK 00ff".into()),
+                Token::Heartbeat,
+            ]
+        );
+    }
+
+    #[test]
+    fn dots_inside_a_line_are_text_and_unframed_text_is_a_line() {
+        assert_eq!(
+            split(b"vmmd: console busy: a.b\n"),
+            [Token::Line("vmmd: console busy: a.b".into())]
+        );
+        assert_eq!(
+            split(b"\nA\n\nB\n"),
+            [Token::Line("A".into()), Token::Line("B".into())]
+        );
+        assert_eq!(split(b"\nPARTIAL"), []);
+    }
 
     #[test]
     fn escape_detaches_only_interactively_and_forwards_what_came_before() {

@@ -23,56 +23,7 @@ pub struct Line {
     pub text: String,
 }
 
-/// What a byte of console output meant.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Token {
-    /// A `.` between lines.
-    Heartbeat,
-    /// A complete line.
-    Line(String),
-}
-
-/// Splits the guest's console byte stream into heartbeats and lines.
-///
-/// A `\n` outside a line opens one; the next `\n` closes it. Bytes other than `.` outside a
-/// line also open one, so unframed text (vmmd's own `vmmd: console busy` message) is a line too.
-#[derive(Debug, Default)]
-pub struct LineSplitter {
-    in_line: bool,
-    buf: Vec<u8>,
-}
-
-impl LineSplitter {
-    /// Feeds one byte; returns what it completed, if anything.
-    pub fn push(&mut self, b: u8) -> Option<Token> {
-        match (self.in_line, b) {
-            (false, b'.') => Some(Token::Heartbeat),
-            (false, b'\n') => {
-                self.in_line = true;
-                None
-            }
-            (false, b'\r') => None,
-            (false, other) => {
-                self.in_line = true;
-                self.buf.push(other);
-                None
-            }
-            // "\n\n": an empty line is just a fresh opening.
-            (true, b'\n') if self.buf.is_empty() => None,
-            (true, b'\n') => {
-                self.in_line = false;
-                let text = String::from_utf8_lossy(&self.buf).into_owned();
-                self.buf.clear();
-                Some(Token::Line(text))
-            }
-            (true, b'\r') => None,
-            (true, other) => {
-                self.buf.push(other);
-                None
-            }
-        }
-    }
-}
+pub use cprctl::console::{LineSplitter, Token};
 
 /// Everything received so far.
 #[derive(Debug, Default)]
@@ -301,12 +252,12 @@ impl Console {
         self.record().lines.clone()
     }
 
-    /// Lines reporting a guest-detected failure (`FAIL ...` or `VERIFY FAIL ...`).
+    /// Lines reporting a guest-detected failure (`FAIL ...`, `VERIFY FAIL ...`, `PANIC ...`).
     pub fn failures(&self) -> Vec<String> {
         self.record()
             .lines
             .iter()
-            .filter(|l| l.text.starts_with("FAIL") || l.text.starts_with("VERIFY FAIL"))
+            .filter(|l| is_failure(&l.text))
             .map(|l| l.text.clone())
             .collect()
     }
@@ -379,6 +330,13 @@ impl Drop for Console {
     }
 }
 
+/// Whether a guest line reports a failure.
+pub fn is_failure(line: &str) -> bool {
+    ["FAIL", "VERIFY FAIL", "PANIC"]
+        .iter()
+        .any(|p| line.starts_with(p))
+}
+
 fn read_loop(mut stream: UnixStream, shared: &Shared) {
     let mut splitter = LineSplitter::default();
     let mut buf = [0u8; 8192];
@@ -412,42 +370,6 @@ fn read_loop(mut stream: UnixStream, shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn split(input: &[u8]) -> Vec<Token> {
-        let mut s = LineSplitter::default();
-        input.iter().filter_map(|&b| s.push(b)).collect()
-    }
-
-    #[test]
-    fn heartbeats_between_framed_lines() {
-        let tokens = split(b"..\nREADY cpus=2\n...\nVERIFY OK 00ff\n.");
-        assert_eq!(
-            tokens,
-            [
-                Token::Heartbeat,
-                Token::Heartbeat,
-                Token::Line("READY cpus=2".into()),
-                Token::Heartbeat,
-                Token::Heartbeat,
-                Token::Heartbeat,
-                Token::Line("VERIFY OK 00ff".into()),
-                Token::Heartbeat,
-            ]
-        );
-    }
-
-    #[test]
-    fn dots_inside_a_line_are_text_and_unframed_text_is_a_line() {
-        assert_eq!(
-            split(b"vmmd: console busy: a.b\n"),
-            [Token::Line("vmmd: console busy: a.b".into())]
-        );
-        assert_eq!(
-            split(b"\nA\n\nB\n"),
-            [Token::Line("A".into()), Token::Line("B".into())]
-        );
-        assert_eq!(split(b"\nPARTIAL"), []);
-    }
 
     #[test]
     fn console_records_lines_heartbeats_and_gaps() {

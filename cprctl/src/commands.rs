@@ -77,6 +77,8 @@ pub enum Command {
     },
     /// Stream runstate changes and migration progress until interrupted.
     Events,
+    /// Boot the test guest, save it, restore it into a new vmmd, verify, report.
+    Demo(crate::demo::DemoArgs),
     /// Attach this terminal to a console socket (Ctrl-] detaches; stdout is the raw console).
     Console {
         /// The console socket (vmmd's `--serial socket=PATH`).
@@ -120,6 +122,9 @@ pub enum CommandError {
     /// The console session failed.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// The demo failed.
+    #[error("demo failed: {0}")]
+    Demo(#[from] crate::demo::DemoError),
     /// vmmd reported the migration as failed.
     #[error("migration to {uri} failed: {error}")]
     MigrationFailed {
@@ -183,6 +188,10 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
             })?
             .map(|_| ())
             .map_err(Into::into);
+    }
+    if let Command::Demo(args) = cli.command {
+        let report = crate::demo::run(args).await?;
+        return emit(&report, json);
     }
     let socket = cli.socket.ok_or(CommandError::NoSocket)?;
     let mut vmm = client::connect(&socket).await?;
@@ -288,7 +297,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
                 }
             }
         }
-        Command::Console { .. } => Ok(()),
+        Command::Console { .. } | Command::Demo(_) => Ok(()),
     }
 }
 

@@ -6,4 +6,5 @@
 pub mod client;
 pub mod commands;
 pub mod console;
+pub mod demo;
 pub mod output;

@@ -221,3 +221,43 @@ fn console_pipe_mode_sends_input_and_prints_output() {
     assert!(text.contains("\nVERIFY OK "), "no VERIFY OK in {text:?}");
     assert!(text.contains('.'), "no heartbeats in {text:?}");
 }
+
+#[test]
+fn demo_saves_restores_and_verifies_the_guest() {
+    let dir = TestDir::new("cprctl-demo");
+    let out = Command::new(bins::cprctl())
+        .args([
+            "--json",
+            "demo",
+            "--no-build",
+            "--vcpus",
+            "1",
+            "--memory",
+            "64M",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .arg("--keep")
+        .output()
+        .expect("cannot run cprctl demo");
+    let v = json_of(&out);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["save"]["status"], "completed", "{v}");
+    assert_eq!(v["restore"]["status"], "completed", "{v}");
+    assert_eq!(v["restore"]["incoming"], true, "{v}");
+    assert_ne!(v["source_pid"], v["target_pid"], "{v}");
+    assert!(
+        v["verify_hash"].as_str().is_some_and(|h| !h.is_empty()),
+        "{v}"
+    );
+    assert!(
+        v["ready"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("READY cpus=1")),
+        "{v}"
+    );
+    assert!(
+        dir.join("vm.state").is_file(),
+        "--keep keeps the state file"
+    );
+}

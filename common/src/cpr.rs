@@ -117,12 +117,13 @@ impl CprHandover {
         postcard::from_bytes(body).map_err(HandoverError::Codec)
     }
 
-    /// Writes the hand-over into a new memfd that is *not* close-on-exec; returns it.
+    /// Writes the hand-over into a new memfd (close-on-exec: the exec path clears the flag itself, so a
+    /// memfd prepared for an exec that never happens does not leak into later ones); returns it.
     pub fn to_memfd(&self) -> Result<OwnedFd, HandoverError> {
         let io = |op| move |source| HandoverError::Io { op, source };
         let name = c"vmmd-cpr-handover";
         // SAFETY: memfd_create with a valid C string; the returned fd is owned below.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
             return Err(io("memfd_create")(std::io::Error::last_os_error()));
         }
@@ -238,7 +239,6 @@ mod tests {
     #[test]
     fn memfd_survives_and_cloexec_toggles() {
         let fd = sample().to_memfd().expect("memfd");
-        set_cloexec(&fd, true).expect("set");
         // SAFETY: F_GETFD only queries.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
         assert_ne!(flags & libc::FD_CLOEXEC, 0);

@@ -942,7 +942,9 @@ impl Vm {
             Ok(m) => m,
             Err(e) => return CprExecError::from(e).into(),
         };
-        let mut preserved = PreservedFds::new(handover.fds.clone());
+        let mut fds = handover.fds.clone();
+        fds.push(("cpr-handover".into(), memfd.as_raw_fd()));
+        let mut preserved = PreservedFds::new(fds);
         if let Err(e) = preserved.clear_cloexec() {
             return e.into();
         }

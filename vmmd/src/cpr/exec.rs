@@ -289,7 +289,9 @@ pub fn roll_back(handover: &CprHandover, reason: &str) -> CprExecError {
         Ok(m) => m,
         Err(e) => return e.into(),
     };
-    let mut fds = PreservedFds::new(back.fds.clone());
+    let mut with_memfd = back.fds.clone();
+    with_memfd.push(("cpr-handover".into(), memfd.as_raw_fd()));
+    let mut fds = PreservedFds::new(with_memfd);
     if let Err(e) = fds.clear_cloexec() {
         return e;
     }

@@ -393,7 +393,18 @@ impl StateWriter {
     }
 
     /// Writes the final header and syncs the file to disk. Returns the file's length.
-    pub fn finish(mut self) -> Result<u64, StateFileError> {
+    pub fn finish(self) -> Result<u64, StateFileError> {
+        self.finish_with(true)
+    }
+
+    /// Writes the final header without syncing: for a state file that only has to survive an
+    /// `execve` on the same host (cpr-exec), where the page cache is enough and an fsync only
+    /// lengthens the guest's pause.
+    pub fn finish_unsynced(self) -> Result<u64, StateFileError> {
+        self.finish_with(false)
+    }
+
+    fn finish_with(mut self, sync: bool) -> Result<u64, StateFileError> {
         if self.ram_written != self.header.ram_len {
             return Err(StateFileError::BadHeader {
                 path: self.path,
@@ -415,6 +426,9 @@ impl StateWriter {
             .seek(SeekFrom::Start(0))
             .and_then(|_| self.file.write_all(&bytes))
             .map_err(|e| io_err("write header", e))?;
+        if !sync {
+            return Ok(self.header.file_len().unwrap_or(0));
+        }
         self.file.sync_all().map_err(|e| io_err("fsync", e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {

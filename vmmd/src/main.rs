@@ -55,6 +55,7 @@ fn roll_back_or_fail(i: &Inheritance, e: &VmError) -> MainError {
 }
 
 fn main() -> ExitCode {
+    let started_ns = monotonic_ns();
     let cli = Cli::parse();
     if let Some(v) = cli.check_state_version {
         return check_state_version(v);
@@ -66,7 +67,7 @@ fn main() -> ExitCode {
         .thread_name("vmmd-api")
         .build()
         .map_err(MainError::Runtime);
-    let result = runtime.and_then(|rt| rt.block_on(run(cli)));
+    let result = runtime.and_then(|rt| rt.block_on(run(cli, started_ns)));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -166,8 +167,11 @@ impl Inheritance {
     }
 }
 
-async fn run(cli: Cli) -> Result<u8, MainError> {
-    let started_ns = monotonic_ns();
+async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
+    tracing::debug!(
+        startup_us = (monotonic_ns() - started_ns) / 1000,
+        "runtime up"
+    );
     let inheritance = Inheritance::from_env(started_ns)?;
     vcpu::install_kick_handler()?;
     if let Some(i) = &inheritance {

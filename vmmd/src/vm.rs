@@ -27,8 +27,12 @@ use crate::devices::{Devices, GuestRequest};
 use crate::memory::{GuestRam, MemoryError, MemorySpec};
 use crate::vcpu::{self, VcpuError, VcpuEvent, VcpuSet};
 
-/// vmmd's version as reported over the API.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// vmmd's version as reported over the API: the crate version, or `VMMD_BUILD_VERSION` when the
+/// binary was built with it set (how a test builds "a different vmmd" to update to).
+pub const VERSION: &str = match option_env!("VMMD_BUILD_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
 
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
@@ -879,7 +883,8 @@ impl Vm {
         let state = self.capture(saved)?;
         let meta = encode_meta(&state)?;
         report.state_bytes = meta.len() as u64;
-        StateWriter::create(path, &meta, 0)?.finish()?;
+        // The file only has to outlive the exec on this host: no fsync inside the pause.
+        StateWriter::create(path, &meta, 0)?.finish_unsynced()?;
         clock.lap("save-state");
         let Some(console) = self.console.take() else {
             return Err(VmError::Injected("console missing"));
@@ -908,6 +913,14 @@ impl Vm {
         ];
         if let Some(fd) = self.api_listener_fd {
             fds.push((fd_names::API_LISTENER.to_string(), fd));
+        }
+        // The old VM is destroyed by whoever closes its fds last: let that be the new process, after
+        // the guest runs again (see `fd_names::RETIRED_KVM_PREFIX`).
+        let prefix = fd_names::RETIRED_KVM_PREFIX;
+        fds.push((format!("{prefix}-dev"), self._kvm.as_raw_fd()));
+        fds.push((format!("{prefix}-vm"), self.vm_fd.as_raw_fd()));
+        for (i, vcpu) in self.vcpus.fds.iter().enumerate() {
+            fds.push((format!("{prefix}-vcpu{i}"), lock(vcpu).as_raw_fd()));
         }
         fds.extend(
             console
@@ -1153,7 +1166,11 @@ impl Vm {
         clock.phases = phases;
         report.mode = MigrationMode::CprExec;
         report.downtime = ns(h.paused_at_ns, resumed_ns);
-        self.generation = h.generation;
+        // A rollback restores the generation the guest had before the failed update.
+        self.generation = match h.rollback_reason {
+            Some(_) => h.generation.saturating_sub(1),
+            None => h.generation,
+        };
         self.update_status = match &h.rollback_reason {
             Some(why) => format!("rolled back to this binary: {why}"),
             None => format!("updated from vmmd {}", h.from_version),
@@ -1164,7 +1181,20 @@ impl Vm {
             status = %self.update_status,
             "cpr-exec: guest resumed"
         );
-        drop(ctx.held);
+        // Closing the previous VM's fds destroys it (~15 ms of kernel time): off the guest's path.
+        let retire = std::thread::Builder::new()
+            .name("vmmd-retire-vm".into())
+            .spawn(move || {
+                let t = Instant::now();
+                drop(ctx.held);
+                tracing::debug!(
+                    took_us = t.elapsed().as_micros() as u64,
+                    "previous VM retired"
+                );
+            });
+        if let Err(e) = retire {
+            warn!(error = %e, "cannot retire the previous VM in the background");
+        }
     }
 
     /// Seconds-resolution wall time, for logs.

@@ -4,8 +4,7 @@
 //! Each CPU owns [`ARENA_PAGES`] 4 KiB pages (in the image's .bss, so outside the static pattern).
 //! Every iteration it takes the next page in turn, checks that it still holds the pattern of its
 //! current generation, then rewrites it with the next generation. Every word of the page at `a`
-//! with generation `g` holds `splitmix64(a ^ seed ^ g * GOLDEN)` (only the first and last word
-//! in stamps mode, see `memory.rs`).
+//! with generation `g` holds `splitmix64(a ^ seed ^ g * GOLDEN)`.
 //!
 //! Each page's generation lives in a sequence counter `seq` (a seqlock): `seq = 2 * gen` when the
 //! page is stable, odd while its owner is rewriting it. So the BSP can check other CPUs' pages

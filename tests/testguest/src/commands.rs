@@ -9,7 +9,7 @@ use crate::pm::Pm;
 use crate::report::{self, What};
 use crate::smp::{ITERS, ONLINE};
 use crate::time::ticks_per_ms;
-use crate::uart::{line, putc, try_getc};
+use crate::uart::{getc_if_ready, line, putc};
 use crate::MAX_CPUS;
 use core::sync::atomic::{AtomicU64, Ordering::*};
 
@@ -41,16 +41,16 @@ impl Heartbeat {
         self.period.saturating_sub(now.wrapping_sub(self.last))
     }
 
-    /// Emits a heartbeat if one is due; returns whether it did.
-    pub fn tick(&mut self) -> bool {
+    /// Emits a heartbeat if one is due; returns the UART line status read meanwhile if it did.
+    pub fn tick(&mut self) -> Option<u8> {
         let now = rdtsc();
         if now.wrapping_sub(self.last) >= self.period {
-            putc(b'.');
+            let lsr = putc(b'.');
             self.last = now;
             HEARTBEATS.fetch_add(1, Relaxed);
-            true
+            Some(lsr)
         } else {
-            false
+            None
         }
     }
 }
@@ -84,19 +84,15 @@ impl Bsp {
     pub fn run(mut self) -> ! {
         let mut iter = 0u64;
         let mut printed = 0u64; // failures printed so far (cursor into the failure log)
-        let check_every = Fpu::check_every();
         loop {
             arena::step(0, iter, self.seed);
-            if iter & (check_every - 1) == 0 {
-                self.fpu.check_and_advance();
-            }
+            self.fpu.check_and_advance();
             self.check_tsc(iter);
             report::print_new(&mut printed);
             self.fpu.hold(self.hb.remaining(rdtsc()));
-            if self.hb.tick() {
-                if let Some(byte) = try_getc() {
-                    self.command(byte);
-                }
+            // Input is polled once per heartbeat, with the line status the heartbeat read.
+            if let Some(byte) = self.hb.tick().and_then(getc_if_ready) {
+                self.command(byte);
             }
             iter += 1;
             ITERS[0].store(iter, Release);

@@ -1,4 +1,8 @@
 //! Thin wrappers around the x86 instructions the guest needs: port I/O, the TSC, CPUID, halting.
+//!
+//! All of this runs at CPL 3. Port I/O works there because every CPU's TSS carries an I/O
+//! permission bitmap that allows all ports (`kernel.rs`); on the PVM hosts KVM performs each
+//! `in`/`out` itself (about 25 us, see README) without entering the guest's kernel.
 
 use core::arch::asm;
 
@@ -47,11 +51,12 @@ pub fn pause() {
     core::hint::spin_loop();
 }
 
-/// Stops this CPU for good: interrupts stay disabled, so nothing wakes it (except INIT/NMI).
+/// Stops this CPU for good. `hlt` at CPL 3 raises #GP, which the kernel takes as "halt this CPU"
+/// (`cli; hlt` at CPL 0): nothing wakes it (except INIT/NMI).
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: the guest never enables interrupts; `hlt` just parks the CPU.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        // SAFETY: traps into the kernel, which never returns here.
+        unsafe { asm!("hlt", options(nomem, nostack)) };
     }
 }
 
@@ -92,24 +97,16 @@ pub unsafe fn read_word(addr: u64) -> u64 {
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
 
-static EMULATED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
-
-/// Measures whether this CPU executes natively or inside the hypervisor's instruction emulator
-/// (as KVM on a PVM host runs guests that are not PVM-aware): 2000 iterations of a two-instruction
-/// loop take about a microsecond natively and about a millisecond emulated. Call after
-/// `time::calibrate`; the answer is shared by all CPUs.
+/// Measures whether this CPU executes natively or inside the hypervisor's instruction emulator:
+/// 2000 iterations of a two-instruction loop take about a microsecond natively and about a
+/// millisecond emulated. Only reported (`exec=` on the BOOT line): CPL-3 code is expected to run
+/// natively, and the guest does not work otherwise (it uses SSE and AVX freely). Call after
+/// `time::calibrate`.
 pub fn detect_emulation() -> bool {
     let start = rdtsc();
     // SAFETY: a register-only loop.
     unsafe {
         asm!("2:", "dec {n}", "jnz 2b", n = inout(reg) 2000u64 => _, options(nomem, nostack))
     };
-    let emulated = rdtsc().wrapping_sub(start) > 100 * crate::time::ticks_per_us();
-    EMULATED.store(emulated, core::sync::atomic::Ordering::Release);
-    emulated
-}
-
-/// True if [`detect_emulation`] found the guest running under instruction emulation.
-pub fn emulated() -> bool {
-    EMULATED.load(core::sync::atomic::Ordering::Acquire)
+    rdtsc().wrapping_sub(start) > 100 * crate::time::ticks_per_us()
 }

@@ -10,15 +10,14 @@
 //!
 //! Each iteration, [`Fpu::check_and_advance`] saves them with `fxsave` (and `vextractf128`),
 //! compares with what the previous iteration loaded, and loads values derived from the next
-//! iteration number with `fxrstor` (and `vinsertf128`). `fxsave`/`fxrstor` are used because KVM's
-//! instruction emulator runs them (it runs no x87 arithmetic and no `ldmxcsr`), so the checks
-//! also work where the guest is emulated. The AVX part needs VEX instructions, which the emulator
-//! cannot run: it is enabled only when the guest executes natively (see `cpu::emulated`).
+//! iteration number with `fxrstor` (and `vinsertf128`). All of it runs at CPL 3, natively; the
+//! AVX part runs when CPUID reports AVX and OSXSAVE and XCR0 enables the AVX state (the kernel
+//! sets XCR0 = x87 | SSE | AVX when the CPU has XSAVE and AVX).
 //!
 //! xmm0..xmm7 are free for compiled code, so they are checked inside one asm block instead:
 //! [`Fpu::hold`] loads them, spins for a while (where a CPU spends most of its time), then checks.
 
-use crate::cpu::{cpuid, emulated};
+use crate::cpu::cpuid;
 use crate::memory::splitmix64;
 use crate::report::{self, reg, What};
 use crate::MAX_CPUS;
@@ -84,11 +83,11 @@ fn get<T>(buf: *const u8, off: usize) -> T {
     unsafe { read_volatile(buf.add(off) as *const T) }
 }
 
-/// True if AVX is usable: the CPU has it, boot enabled it in XCR0, and the guest runs natively.
+/// True if AVX is usable: the CPU has it and the kernel enabled it in XCR0.
 fn avx_usable() -> bool {
     let (_, _, ecx, _) = cpuid(1);
-    if emulated() || ecx & (1 << 27) == 0 || ecx & (1 << 28) == 0 {
-        return false; // emulated, or no OSXSAVE, or no AVX
+    if ecx & (1 << 27) == 0 || ecx & (1 << 28) == 0 {
+        return false; // no OSXSAVE, or no AVX
     }
     let (lo, _hi): (u32, u32);
     // SAFETY: XGETBV(0) is valid when CR4.OSXSAVE is set (CPUID.1:ECX.OSXSAVE says it is).
@@ -136,18 +135,6 @@ impl Fpu {
         fpu
     }
 
-    /// How many iterations apart `check_and_advance` should run (a power of two): every iteration
-    /// natively; every
-    /// 16th under instruction emulation, where each instruction costs about a microsecond (the
-    /// registers hold their values all the time either way).
-    pub fn check_every() -> u64 {
-        if emulated() {
-            16
-        } else {
-            1
-        }
-    }
-
     fn build_hold(&self, iter: u64) {
         for i in 0..16 {
             // SAFETY: this CPU's buffers.
@@ -166,8 +153,7 @@ impl Fpu {
     }
 
     /// Value number `slot` of iteration `iter` on this CPU: one hash per iteration, cheap per
-    /// slot (this runs every iteration, and can be emulated). Never inlined: loops calling it must
-    /// not be vectorised into SSE arithmetic the instruction emulator cannot run.
+    /// slot. Never inlined, which keeps the loops calling it simple (and away from xmm8..15).
     #[inline(never)]
     fn value(&self, iter: u64, slot: u64) -> u64 {
         // SAFETY: this CPU's buffers.
@@ -356,8 +342,8 @@ impl Fpu {
 
     /// Stores the upper halves of ymm0..ymm15 to `ymm_out` and loads new ones from `ymm_in`
     /// (`[2r, 2r + 1]` = lanes 2 and 3 of ymm r). The low halves are rewritten with their own
-    /// value. VEX-encoded: only called when the guest runs natively with AVX enabled. Never
-    /// inlined, so `scripts/check-insns.py` can tell it apart.
+    /// value. VEX-encoded: only called when AVX is enabled. Never inlined, so
+    /// `scripts/check-insns.py` can tell it apart.
     #[inline(never)]
     fn ymm_swap(&self) {
         macro_rules! swap {

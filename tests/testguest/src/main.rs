@@ -6,8 +6,11 @@
 //! AVX registers live on every CPU, and answers commands read from COM1. See README.md for the
 //! protocol and the memory layout.
 //!
-//! Modules: `boot` (assembly: entry, page tables, long mode, AP trampoline, mem*), `cpu` (port
-//! I/O, TSC), `uart` (COM1), `time` (TSC calibration), `pvh` (start info), `pm` (ACPI, S3/S5),
+//! Privilege levels: `kernel` is the only code that runs at CPL 0 (assembly: PVH entry, page
+//! tables, long mode, GDT/IDT/TSS, AP trampoline, exception handlers); it drops every CPU to CPL 3,
+//! where all the Rust code runs natively (see README.md, "Privilege levels").
+//!
+//! Modules: `kernel` (the above, plus mem* for the compiler), `cpu` (port I/O, TSC), `uart` (COM1), `time` (TSC calibration), `pvh` (start info), `pm` (ACPI, S3/S5),
 //! `memory` (static pattern), `arena` (mutation arenas), `fpu` (register checks), `smp` (APs),
 //! `report` (failure log), `commands` (BSP main loop and commands).
 
@@ -15,10 +18,10 @@
 #![no_main]
 
 mod arena;
-mod boot;
 mod commands;
 mod cpu;
 mod fpu;
+mod kernel;
 mod memory;
 mod pm;
 mod pvh;
@@ -29,26 +32,27 @@ mod uart;
 
 use core::sync::atomic::Ordering::Release;
 
-/// Most CPUs supported (BSP included); further APs park in the boot code.
+/// Most CPUs supported (BSP included); further APs park in the kernel.
 pub const MAX_CPUS: usize = 16;
-/// Stack per CPU (a power of two).
+/// User (CPL 3) stack per CPU (a power of two).
 pub const STACK_SIZE: usize = 32 << 10;
 
-/// The BSP's Rust entry, called by `boot.rs` in long mode with `ebx` from the PVH entry.
+/// The BSP's Rust entry, at CPL 3 (entered from `kernel.rs` with `ebx` from the PVH entry).
 extern "C" fn bsp_main(start_info: u32) -> ! {
     uart::init();
     // Read everything we need from firmware/loader structures before we overwrite memory.
     let info = pvh::read(start_info);
     let pm = pm::Pm::find(info.rsdp);
+    let acpi_cpus = pm::madt_cpus(info.rsdp);
     let tsc_source = time::calibrate();
     let emulated = cpu::detect_emulation();
     let seed = memory::splitmix64(cpu::rdtsc());
     smp::SEED.store(seed, Release);
     arena::init(0, seed);
-    let cpus = smp::start_aps();
+    let cpus = smp::start_aps(acpi_cpus);
 
     let layout = memory::Layout::compute(info);
-    let (image_start, image_end) = boot::image_range();
+    let (image_start, image_end) = kernel::image_range();
     let (arena_start, arena_end) = arena::range();
     let fpu = fpu::Fpu::start(0);
     uart::line()
@@ -59,11 +63,7 @@ extern "C" fn bsp_main(start_info: u32) -> ! {
         .s(" exec=")
         .s(if emulated { "emulated" } else { "native" })
         .s(" pattern=")
-        .s(if memory::full_pages() {
-            "full"
-        } else {
-            "stamps"
-        })
+        .s("full")
         .s(" avx=")
         .dec(fpu.avx() as u64)
         .s(" pm1a_cnt=")

@@ -4,25 +4,20 @@
 //!
 //! One value per page (rather than per word) keeps boot and `v` fast; a VMM loses, swaps or
 //! stales memory in whole pages anyway, and every page still holds a value no other page has.
-//!
-//! Where the guest runs under KVM's instruction emulator (`cpu::emulated`, e.g. on a PVM host)
-//! every instruction costs about a microsecond, `rep stosq` included, so filling every word of
-//! 512 MiB would take minutes. There the pattern is written in "stamps" mode: only the first and
-//! the last word of each page hold the value (the rest is left as it is). The BOOT line says which
-//! mode is in use (`pattern=full` or `pattern=stamps`).
+//! This runs at CPL 3, natively: filling costs about what the host's first touch of each page
+//! costs. (The BOOT line says `pattern=full`; an earlier version of the guest, which ran under
+//! the instruction emulator, wrote only two words per page, `pattern=stamps`.)
 //!
 //! The "static region" is every type-1 (RAM) entry of the PVH memory map, clipped to
 //! [1 MiB, 64 GiB) and to whole pages, minus the image itself (code, data, bss: page tables,
 //! stacks, the mutation arenas of `arena.rs`). Memory below 1 MiB is left alone (boot structures,
 //! the AP trampoline).
 
-use crate::boot::{image_range, IDENTITY_MAP_BYTES};
-use crate::cpu::{emulated, fill_words, find_other_word, read_word};
+use crate::cpu::{fill_words, find_other_word, read_word};
+use crate::kernel::{image_range, IDENTITY_MAP_BYTES};
 use crate::pvh::{BootInfo, E820_RAM, MAX_MEMMAP};
 use crate::report::{self, What};
 use core::cell::UnsafeCell;
-use core::ptr::read_volatile;
-use core::ptr::write_volatile;
 
 /// Start of the static region: everything below is left alone.
 const LOW_LIMIT: u64 = 1 << 20;
@@ -102,52 +97,28 @@ impl Layout {
     pub fn bytes(&self) -> u64 {
         let mut total = 0;
         for r in self.regions() {
-            // Volatile: a vectorised sum would use SSE the instruction emulator cannot run.
-            // SAFETY: reads of a live reference.
-            total += unsafe { read_volatile(&r.end) - read_volatile(&r.start) };
+            total += r.end - r.start;
         }
         total
     }
 }
 
-/// True if pages hold their value in every word, false in stamps mode (see the module comment).
-pub fn full_pages() -> bool {
-    !emulated()
-}
-
-/// Writes `value` over the page at `page` (every word, or the first and last in stamps mode).
+/// Writes `value` over every word of the page at `page`.
 ///
 /// # Safety
 /// `page` must be a writable, identity-mapped page.
 pub unsafe fn write_page(page: u64, value: u64) {
     // SAFETY: per the caller.
-    unsafe {
-        if full_pages() {
-            fill_words(page, WORDS_PER_PAGE, value);
-        } else {
-            write_volatile(page as *mut u64, value);
-            write_volatile((page + PAGE - 8) as *mut u64, value);
-        }
-    }
+    unsafe { fill_words(page, WORDS_PER_PAGE, value) }
 }
 
-/// The first word of the page at `page` (of those written by [`write_page`]) that is not `value`.
+/// The first word of the page at `page` that is not `value`.
 ///
 /// # Safety
 /// `page` must be a readable, identity-mapped page.
 pub unsafe fn check_page(page: u64, value: u64) -> Option<u64> {
     // SAFETY: per the caller.
-    unsafe {
-        if full_pages() {
-            find_other_word(page, WORDS_PER_PAGE, value)
-        } else if read_word(page) != value {
-            Some(page)
-        } else if read_word(page + PAGE - 8) != value {
-            Some(page + PAGE - 8)
-        } else {
-            None
-        }
-    }
+    unsafe { find_other_word(page, WORDS_PER_PAGE, value) }
 }
 
 /// Writes the pattern over the whole static region.
@@ -187,8 +158,8 @@ pub fn verify(layout: &Layout, seed: u64, tick: &mut dyn FnMut()) -> Result<u64,
                 }
                 bad += 1;
             }
-            let words = if full_pages() { WORDS_PER_PAGE } else { 2 };
-            hash = (hash.rotate_left(23) ^ expected ^ words).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            hash = (hash.rotate_left(23) ^ expected ^ WORDS_PER_PAGE)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15);
             pages += 1;
             if pages & (TICK_PAGES - 1) == 0 {
                 tick();

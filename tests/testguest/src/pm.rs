@@ -5,11 +5,13 @@
 //! table (FADT) -> PM1a_CNT_BLK (offset 64, a 32-bit I/O port), or X_PM1a_CNT_BLK (offset 172, a
 //! generic address structure) when the former is zero. Without ACPI: port 0x604, vmmd's PM device.
 //!
+//! The same walk finds the MADT, whose processor entries tell the BSP how many APs to wait for.
+//!
 //! The lookup runs at boot, before RAM is filled with the test pattern: firmware (QEMU's SeaBIOS)
 //! may have put the tables in memory the map calls RAM.
 
-use crate::boot::IDENTITY_MAP_BYTES;
 use crate::cpu::outw;
+use crate::kernel::IDENTITY_MAP_BYTES;
 use core::ptr::{read_unaligned, read_volatile};
 
 /// vmmd's PM device: PM1a event block at 0x600, PM1a control at 0x604.
@@ -73,6 +75,7 @@ fn read_u64(paddr: u64) -> u64 {
 
 const RSDP_SIG: u64 = u64::from_le_bytes(*b"RSD PTR ");
 const FACP_SIG: u32 = u32::from_le_bytes(*b"FACP");
+const MADT_SIG: u32 = u32::from_le_bytes(*b"APIC");
 
 /// True if `[paddr, paddr + len)` is non-null and inside the identity map.
 fn mapped(paddr: u64, len: u64) -> bool {
@@ -105,7 +108,8 @@ fn find_rsdp(hint: u64) -> Option<u64> {
     None
 }
 
-fn find_pm1a_cnt(rsdp_hint: u64) -> Option<u16> {
+/// The ACPI table with signature `sig` (physical address), through the XSDT or RSDT.
+fn find_table(rsdp_hint: u64, sig: u32) -> Option<u64> {
     let rsdp = find_rsdp(rsdp_hint)?;
     if read_u64(rsdp) != RSDP_SIG {
         return None;
@@ -123,7 +127,7 @@ fn find_pm1a_cnt(rsdp_hint: u64) -> Option<u16> {
     if !mapped(sdt, sdt_len) || sdt_len < 36 {
         return None;
     }
-    let fadt = (0..(sdt_len - 36) / entry_size)
+    let table = (0..(sdt_len - 36) / entry_size)
         .map(|i| {
             let at = sdt + 36 + i * entry_size;
             if entry_size == 8 {
@@ -132,11 +136,35 @@ fn find_pm1a_cnt(rsdp_hint: u64) -> Option<u16> {
                 read_u32(at) as u64
             }
         })
-        .find(|&t| mapped(t, 36) && read_u32(t) == FACP_SIG)?;
-    let fadt_len = read_u32(fadt + 4) as u64;
-    if !mapped(fadt, fadt_len) {
-        return None;
+        .find(|&t| mapped(t, 36) && read_u32(t) == sig)?;
+    mapped(table, read_u32(table + 4) as u64).then_some(table)
+}
+
+/// How many enabled processors the MADT ("APIC" table) lists, if there is one. The BSP uses it
+/// to stop waiting for APs as soon as all have checked in.
+pub fn madt_cpus(rsdp_hint: u64) -> Option<usize> {
+    let madt = find_table(rsdp_hint, MADT_SIG)?;
+    let end = madt + read_u32(madt + 4) as u64;
+    let (mut at, mut cpus) = (madt + 44, 0);
+    while at + 2 <= end {
+        let (kind, len) = (read_u8(at), read_u8(at + 1) as u64);
+        if len < 2 || at + len > end {
+            break;
+        }
+        // Processor local APIC (flags at 4) and local x2APIC (flags at 8); bit 0 = enabled.
+        if (kind == 0 && len >= 8 && read_u32(at + 4) & 1 != 0)
+            || (kind == 9 && len >= 16 && read_u32(at + 8) & 1 != 0)
+        {
+            cpus += 1;
+        }
+        at += len;
     }
+    (cpus > 0).then_some(cpus)
+}
+
+fn find_pm1a_cnt(rsdp_hint: u64) -> Option<u16> {
+    let fadt = find_table(rsdp_hint, FACP_SIG)?;
+    let fadt_len = read_u32(fadt + 4) as u64;
     // PM1a_CNT_BLK: 32-bit I/O port at offset 64.
     if fadt_len >= 68 {
         let port = read_u32(fadt + 64);

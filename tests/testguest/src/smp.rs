@@ -1,13 +1,16 @@
 //! Application processors: started with INIT/SIPI/SIPI as an OS starts them, then they loop
 //! forever mutating their arena and checking their FPU state, never printing.
 //!
-//! The BSP copies the real-mode trampoline (`boot.rs`) to [`TRAMPOLINE_ADDR`], broadcasts INIT,
-//! SIPI, SIPI through the xAPIC ICR with the "all excluding self" shorthand, and waits 100 ms for
-//! APs to check in. Each AP takes a CPU index with `lock xadd` in the boot code, initialises its
+//! The BSP (at CPL 3) copies the real-mode trampoline (`kernel.rs`) to [`TRAMPOLINE_ADDR`],
+//! broadcasts INIT, SIPI, SIPI through the xAPIC ICR with the "all excluding self" shorthand
+//! (local APIC MMIO works from CPL 3: the page is mapped user-accessible, and KVM emulates the
+//! access, about 2.5 us each), and waits for the APs to check in. Each AP takes a CPU index with
+//! `lock xadd` in the kernel, sets itself up, drops to CPL 3 on its own stack, initialises its
 //! arena, marks itself online and enters [`ap_main`]'s loop.
 
-use crate::boot::{ap_trampoline, ap_trampoline_end, TRAMPOLINE_ADDR, TRAMPOLINE_VECTOR};
+use crate::cpu::{pause, rdtsc};
 use crate::fpu::{self, Fpu};
+use crate::kernel::{ap_trampoline, ap_trampoline_end, TRAMPOLINE_ADDR, TRAMPOLINE_VECTOR};
 use crate::{arena, time, MAX_CPUS};
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
@@ -52,9 +55,14 @@ fn broadcast_ipi(icr_lo: u32) {
     }
 }
 
-/// Starts every AP the machine has; returns the number of online CPUs (BSP included).
-pub fn start_aps() -> usize {
+/// Starts every AP the machine has; returns the number of online CPUs (BSP included). `expected`
+/// is how many CPUs ACPI lists, if it does: the wait for APs to check in ends when they all have
+/// (and nothing is started for 1), else after 100 ms.
+pub fn start_aps(expected: Option<usize>) -> usize {
     ONLINE[0].store(true, Release);
+    if expected == Some(1) {
+        return 1;
+    }
     // SAFETY: copies the trampoline's bytes to low RAM that nothing else uses after boot.
     unsafe {
         let start = core::ptr::addr_of!(ap_trampoline);
@@ -70,11 +78,17 @@ pub fn start_aps() -> usize {
         broadcast_ipi(ICR_STARTUP | ICR_LEVEL_ASSERT | TRAMPOLINE_VECTOR);
         time::delay_us(200);
     }
-    time::delay_us(100_000);
+    let start = rdtsc();
+    let want = expected.unwrap_or(MAX_CPUS).min(MAX_CPUS);
+    while 1 + CHECKED_IN.load(Acquire) < want
+        && rdtsc().wrapping_sub(start) < 100 * time::ticks_per_ms()
+    {
+        pause();
+    }
     1 + CHECKED_IN.load(Acquire).min(MAX_CPUS - 1)
 }
 
-/// An AP's life after boot (called from `boot.rs` with its index, 1..MAX_CPUS).
+/// An AP's life after boot, at CPL 3 (entered from `kernel.rs` with its index, 1..MAX_CPUS).
 pub extern "C" fn ap_main(cpu: u32) -> ! {
     let cpu = cpu as usize;
     let seed = SEED.load(Acquire);
@@ -83,13 +97,10 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
     ONLINE[cpu].store(true, Release);
     CHECKED_IN.fetch_add(1, AcqRel);
     let hold = fpu::ap_hold_ticks();
-    let check_every = Fpu::check_every();
     let mut iter = 0u64;
     loop {
         arena::step(cpu, iter, seed);
-        if iter & (check_every - 1) == 0 {
-            fpu.check_and_advance();
-        }
+        fpu.check_and_advance();
         fpu.hold(hold);
         iter += 1;
         ITERS[cpu].store(iter, Release);

@@ -1,0 +1,627 @@
+//! The CPL-0 "kernel": every instruction the guest runs at CPL 0 is in this file, in assembly.
+//!
+//! Why: on the PVM hosts this project runs on, KVM runs guest CPL-0 code through its instruction
+//! emulator (about a microsecond per instruction, integer instructions only: no SSE beyond a few
+//! moves, no AVX), while CPL-3 code runs natively. So the kernel does only what needs CPL 0, with
+//! integer instructions, and then drops every CPU to CPL 3 where all the Rust code runs. See
+//! README.md, "Privilege levels".
+//!
+//! * `pvh_start32` (.kernel32): the PVH entry (named by the `Xen` ELF note below), entered in
+//!   32-bit protected mode, paging off, `ebx` = `hvm_start_info`. Masks the 8259s, loads our GDT,
+//!   zeroes .kbss, builds identity page tables (user-accessible: U/S = 1 at every level) and
+//!   enters long mode.
+//! * `ap_trampoline` (.kernel16): real-mode code that `smp` copies to [`TRAMPOLINE_ADDR`]; an AP
+//!   started by INIT/SIPI/SIPI goes real -> protected -> the same long-mode path as the BSP.
+//! * .kernel64: per-CPU setup (CR0/CR4, XCR0 with `xsetbv`, IDT, TSS), the exception handlers and
+//!   the drop to CPL 3 (`iretq`) into `main::bsp_main` / `smp::ap_main` on the CPU's user stack.
+//!
+//! Services for CPL 3:
+//! * Port I/O: each CPU's TSS has an I/O permission bitmap that allows every port, so `in`/`out`
+//!   work at CPL 3 with IOPL = 0 (on PVM, KVM performs them without entering the guest kernel).
+//! * `hlt` at CPL 3 raises #GP; the kernel treats a #GP on a `hlt` instruction from CPL 3 as
+//!   "stop this CPU" and halts it for good (`cli; hlt`).
+//! * Any other exception prints `PANIC exception vec=... err=... rip=... cs=... rsp=... cr2=...
+//!   cpu=...` on COM1 and halts the CPU.
+//!
+//! GDT selectors: 0x08 32-bit code, 0x10 data, 0x18 64-bit kernel code, 0x23 user data, 0x2b
+//! 64-bit user code, 0x30 + 16 * cpu that CPU's TSS.
+
+use crate::{smp, MAX_CPUS, STACK_SIZE};
+
+/// Physical address the AP trampoline is copied to (must be RAM below 1 MiB, 4 KiB aligned).
+pub const TRAMPOLINE_ADDR: usize = 0x8000;
+/// The SIPI vector that starts an AP at [`TRAMPOLINE_ADDR`] (CS = vector << 8, IP = 0).
+pub const TRAMPOLINE_VECTOR: u32 = (TRAMPOLINE_ADDR >> 12) as u32;
+
+/// How much memory the identity map covers. RAM above this is ignored.
+pub const IDENTITY_MAP_BYTES: u64 = 64 << 30;
+const GIBS: usize = (IDENTITY_MAP_BYTES >> 30) as usize;
+/// Kernel stack per CPU (exception frames only: the handlers use a few dozen bytes).
+const KSTACK_SIZE: usize = 4096;
+/// Bytes reserved per TSS (104 used).
+const TSS_STRIDE: usize = 128;
+
+extern "C" {
+    /// First and one-past-last byte of the real-mode AP trampoline (to be copied below 1 MiB).
+    pub static ap_trampoline: u8;
+    pub static ap_trampoline_end: u8;
+    /// First and one-past-last byte of the loaded image (code, data, bss: see `link.ld`).
+    pub static __image_start: u8;
+    pub static __image_end: u8;
+}
+
+core::arch::global_asm!(
+    r#"
+/* ---------------------------------------------------------------------------------------------
+ * PVH entry note: name "Xen", type XEN_ELFNOTE_PHYS32_ENTRY (18), descriptor = 32-bit entry.
+ * The descriptor is padded to 8 bytes because older QEMUs read it as a 64-bit value.
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .note.pvh, "a", @note
+.balign 4
+.long 4                 /* namesz */
+.long 8                 /* descsz */
+.long 18                /* type: XEN_ELFNOTE_PHYS32_ENTRY */
+.asciz "Xen"
+.long pvh_start32
+.long 0
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * GDT, shared by every CPU. Accessed bits are preset so the CPU never writes to the code and
+ * data descriptors; the TSS descriptors are filled in by kernel_setup.
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .data.gdt, "aw"
+.balign 16
+gdt:
+.quad 0                         /* 0x00: null */
+.quad 0x00cf9b000000ffff        /* 0x08: 32-bit code, base 0, limit 4 GiB */
+.quad 0x00cf93000000ffff        /* 0x10: data, base 0, limit 4 GiB */
+.quad 0x00af9b000000ffff        /* 0x18: 64-bit kernel code */
+.quad 0x00cff3000000ffff        /* 0x20: user data (DPL 3) */
+.quad 0x00affb000000ffff        /* 0x28: 64-bit user code (DPL 3) */
+gdt_tss:
+.skip 16 * {max_cpus}           /* 0x30 + 16 * cpu: 64-bit TSS descriptors */
+gdt_end:
+.balign 8
+gdtr:
+.word gdt_end - gdt - 1
+.quad gdt
+idtr:
+.word 32 * 16 - 1               /* the 32 exception vectors */
+.quad idt
+
+/* Next CPU index handed to an AP (the BSP is 0). Lives in .data: nothing zeroes it. */
+.balign 4
+next_cpu_index:
+.long 1
+
+panic_msg:   .asciz "\nPANIC exception vec="
+err_msg:     .asciz " err="
+rip_msg:     .asciz " rip="
+cs_msg:      .asciz " cs="
+rsp_msg:     .asciz " rsp="
+cr2_msg:     .asciz " cr2="
+cpu_msg:     .asciz " cpu="
+nl_msg:      .asciz "\n"
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * Zeroed at boot (.kbss): PML4, PDPT, IDT, TSSs followed by the I/O permission bitmap they share.
+ * Not zeroed (.noinit): page directories (fully written), stacks.
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .kbss, "aw", @nobits
+.balign 4096
+pml4:   .skip 4096
+pdpt:   .skip 4096
+idt:    .skip 4096
+tss:    .skip {tss_stride} * {max_cpus}
+io_bitmap:
+        .skip 8192 + 16          /* one bit per port, all 0 (allowed); then a 0xff byte */
+.popsection
+
+.pushsection .noinit, "aw", @nobits
+.balign 4096
+pd:     .skip 4096 * {gibs}
+kernel_stacks:
+        .skip {kstack_size} * {max_cpus}
+.globl user_stacks
+user_stacks:
+        .skip {stack_size} * {max_cpus}
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * 32-bit boot code (CPL 0)
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .kernel32, "ax"
+.code32
+.globl pvh_start32
+pvh_start32:
+    cli
+    cld
+    /* Mask both 8259 PICs first: firmware (QEMU's SeaBIOS) leaves the PIT ticking on IRQ0. We
+     * never enable interrupts, and an interrupt left pending while IF=0 makes some hosts (KVM
+     * under PVM here) wait for an interrupt window in the instruction emulator. */
+    movb $0xff, %al
+    outb %al, $0xa1
+    outb %al, $0x21
+    movl %ebx, %esi                 /* esi = hvm_start_info (kept until bsp_main) */
+    lgdt gdtr
+    ljmp $0x08, $1f
+1:  movl $0x10, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+
+    /* Zero .kbss (the rest of .bss is zeroed at CPL 3, natively). */
+    movl $__kbss_start, %edi
+    movl $__kbss_end, %ecx
+    subl %edi, %ecx
+    shrl $2, %ecx
+    xorl %eax, %eax
+    rep stosl
+
+    /* PML4[0] -> PDPT. Every level has U/S = 1 (0x4): all memory is reachable from CPL 3. */
+    movl $pdpt + 0x7, pml4          /* present | writable | user */
+
+    /* How many GiB get 2 MiB pages (ebp): the first 4 always (the uncacheable hole below 4 GiB
+     * needs them); the rest are 1 GiB pages when the CPU has them (CPUID 0x80000001 EDX.26),
+     * which saves building 30000 entries one emulated instruction at a time. */
+    movl $4, %ebp
+    movl $0x80000000, %eax
+    cpuid
+    cmpl $0x80000001, %eax
+    jb 2f
+    movl $0x80000001, %eax
+    cpuid
+    btl $26, %edx
+    jc 3f
+2:  movl ${gibs}, %ebp
+3:
+    /* PDPT[i] -> PD i for i < ebp; 1 GiB pages above. */
+    xorl %edx, %edx                 /* edx = GiB index */
+4:  cmpl %ebp, %edx
+    jae 5f
+    movl %edx, %eax
+    shll $12, %eax
+    addl $pd + 0x7, %eax            /* present | writable | user */
+    movl %eax, pdpt(, %edx, 8)
+    jmp 6f
+5:  movl %edx, %eax
+    shll $30, %eax
+    orl $0x87, %eax                 /* present | writable | user | 1 GiB page */
+    movl %eax, pdpt(, %edx, 8)
+    movl %edx, %eax
+    shrl $2, %eax                   /* physical address bits 32.. */
+    movl %eax, pdpt + 4(, %edx, 8)
+6:  incl %edx
+    cmpl ${gibs}, %edx
+    jb 4b
+
+    /* PD entries (ebp * 512 of them): 2 MiB pages, entry i maps physical i << 21. The 32 MiB just
+     * below 4 GiB (IOAPIC, local APIC, firmware) is mapped uncacheable, as an OS maps device
+     * memory. */
+    shll $9, %ebp
+    xorl %edx, %edx                 /* edx = entry index */
+7:  movl %edx, %eax
+    shll $21, %eax
+    orl $0x87, %eax                 /* present | writable | user | 2 MiB page */
+    cmpl $0x7f0, %edx
+    jb 8f
+    cmpl $0x800, %edx
+    jae 8f
+    orl $0x18, %eax                 /* PWT | PCD: uncacheable */
+8:  movl %edx, %ecx
+    shrl $11, %ecx                  /* high half of the physical address */
+    movl %eax, pd(, %edx, 8)
+    movl %ecx, pd + 4(, %edx, 8)
+    incl %edx
+    cmpl %ebp, %edx
+    jb 7b
+
+    movl $bsp_far, %ebp
+    jmp enter_long_mode
+
+/* APs arrive here from the trampoline, already in protected mode with our GDT. */
+ap_start32:
+    movl $0x10, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    movw %ax, %fs
+    movw %ax, %gs
+    movl $ap_far, %ebp
+    /* fall through */
+
+/* Enable PAE, load CR3, set EFER.LME, enable paging, far-jump into 64-bit code through the far
+ * pointer at ebp. No stack is used: the PVH ABI does not give us one (esp may be anything). */
+enter_long_mode:
+    movl %cr4, %eax
+    orl $0x20, %eax                 /* CR4.PAE */
+    movl %eax, %cr4
+    movl $pml4, %eax
+    movl %eax, %cr3
+    movl $0xc0000080, %ecx          /* IA32_EFER */
+    rdmsr
+    orl $0x100, %eax                /* LME */
+    wrmsr
+    movl %cr0, %eax
+    orl $0x80000001, %eax           /* PG | PE */
+    movl %eax, %cr0
+    ljmp *(%ebp)
+
+/* Far pointers (offset, 64-bit code selector) for the jump into long mode. */
+.balign 8
+bsp_far: .long bsp_long
+         .word 0x18
+.balign 8
+ap_far:  .long ap_long
+         .word 0x18
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * AP trampoline (CPL 0, real mode): copied to TRAMPOLINE_ADDR; entered with CS = TRAMPOLINE_ADDR
+ * >> 4, IP = 0. Position independent (addresses are relative to the segment base).
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .kernel16, "ax"
+.code16
+.globl ap_trampoline
+ap_trampoline:
+    cli
+    cld
+    movw %cs, %ax
+    movw %ax, %ds
+    lgdtl ap_trampoline_gdtr - ap_trampoline   /* our GDT, wherever it is in the first 4 GiB */
+    movl %cr0, %eax
+    orl $1, %eax                    /* PE */
+    movl %eax, %cr0
+    ljmpl $0x08, $ap_start32
+.balign 8
+ap_trampoline_gdtr:
+    .word gdt_end - gdt - 1
+    .long gdt
+.globl ap_trampoline_end
+ap_trampoline_end:
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * 64-bit kernel code (CPL 0)
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .kernel64, "ax"
+.code64
+bsp_long:
+    movl $0x10, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorl %eax, %eax
+    movw %ax, %fs
+    movw %ax, %gs
+    leaq kernel_stacks + {kstack_size}(%rip), %rsp  /* CPU 0's kernel stack */
+    call kernel_setup
+    xorl %edi, %edi
+    call cpu_setup
+    movl %esi, %edi                 /* bsp_main(start_info), entered through bsp_user_entry */
+    leaq bsp_user_entry(%rip), %rsi
+    leaq user_stacks + {stack_size}(%rip), %rdx
+    jmp enter_user
+
+ap_long:
+    movl $0x10, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    movw %ax, %ss
+    xorl %eax, %eax
+    movw %ax, %fs
+    movw %ax, %gs
+    movl $1, %eax
+    lock xaddl %eax, next_cpu_index(%rip)   /* eax = this CPU's index */
+    cmpl ${max_cpus}, %eax
+    jae halt                        /* more CPUs than we have stacks for: park this one */
+    movl %eax, %edi
+    movl %eax, %ecx
+    incl %ecx
+    shlq ${kstack_shift}, %rcx
+    leaq kernel_stacks(%rip), %rsp
+    addq %rcx, %rsp                 /* top of this CPU's kernel stack */
+    call cpu_setup                  /* edi = index (preserved) */
+    movl %edi, %edx
+    incl %edx
+    shlq ${stack_shift}, %rdx
+    leaq user_stacks(%rip), %rax
+    addq %rax, %rdx                 /* top of this CPU's user stack */
+    leaq {ap_main}(%rip), %rsi      /* ap_main(index) */
+    jmp enter_user
+
+/* Once, on the BSP: TSS descriptors and TSSs for every CPU (RSP0 = its kernel stack, the shared
+ * I/O bitmap that allows every port), and the IDT (32 exception vectors, DPL 0 interrupt gates).
+ * Clobbers rax, rcx, rdx, rdi, r8, r9, r10. */
+kernel_setup:
+    leaq tss(%rip), %r10            /* r10 = this TSS */
+    leaq gdt_tss(%rip), %rdi        /* rdi = its descriptor */
+    leaq kernel_stacks + {kstack_size}(%rip), %r8   /* r8 = its RSP0 */
+    movl ${tss_stride} * {max_cpus}, %r9d           /* r9 = offset of the bitmap from the TSS */
+    movl ${max_cpus}, %ecx
+1:  movq %r8, 4(%r10)               /* RSP0 */
+    movw %r9w, 102(%r10)            /* I/O map base */
+    leal 8192(%r9), %eax            /* limit: through the 0xff byte after the bitmap (< 64 KiB) */
+    movw %ax, (%rdi)                /* limit 15:0 */
+    movq %r10, %rax
+    movw %ax, 2(%rdi)               /* base 15:0 */
+    shrq $16, %rax
+    movb %al, 4(%rdi)               /* base 23:16 */
+    movb $0x89, 5(%rdi)             /* present, DPL 0, 64-bit TSS (available) */
+    movb $0, 6(%rdi)                /* limit 19:16 = 0, granularity bytes */
+    shrq $8, %rax
+    movb %al, 7(%rdi)               /* base 31:24 */
+    shrq $8, %rax
+    movl %eax, 8(%rdi)              /* base 63:32 */
+    addq ${tss_stride}, %r10
+    addq $16, %rdi
+    addq ${kstack_size}, %r8
+    subl ${tss_stride}, %r9d
+    decl %ecx
+    jnz 1b
+    movb $0xff, io_bitmap + 8192(%rip)
+
+    leaq exception_stubs(%rip), %rax   /* stub i is at exception_stubs + 16 * i */
+    leaq idt(%rip), %rdi
+    movl $32, %ecx
+2:  movw %ax, (%rdi)                /* offset 15:0 */
+    movw $0x18, 2(%rdi)             /* kernel code selector */
+    movw $0x8e00, 4(%rdi)           /* present, DPL 0, 64-bit interrupt gate */
+    movq %rax, %rdx
+    shrq $16, %rdx
+    movw %dx, 6(%rdi)               /* offset 31:16 */
+    shrq $16, %rdx
+    movl %edx, 8(%rdi)              /* offset 63:32 */
+    addq $16, %rax
+    addq $16, %rdi
+    decl %ecx
+    jnz 2b
+    ret
+
+/* Per-CPU setup for the CPU whose index is in edi (preserved); clobbers rax, rcx, rdx. Caches on,
+ * SSE on (CR0.EM = 0, CR0.MP = 1, CR4.OSFXSR | OSXMMEXCPT), RDTSC allowed at CPL 3 (CR4.TSD = 0),
+ * and if CPUID reports XSAVE and AVX: CR4.OSXSAVE and XCR0 = x87 | SSE | AVX. Then the IDT and
+ * this CPU's TSS. */
+cpu_setup:
+    movq %cr0, %rax
+    andq $~0x6000000c, %rax         /* clear CD, NW (caches on), TS, EM */
+    orq $0x22, %rax                 /* set MP, NE */
+    movq %rax, %cr0
+    movq %cr4, %rax
+    andq $~0x4, %rax                /* clear TSD */
+    orq $0x600, %rax                /* OSFXSR | OSXMMEXCPT */
+    movq %rax, %cr4
+    pushq %rbx
+    movl $1, %eax
+    cpuid
+    popq %rbx
+    btl $26, %ecx                   /* XSAVE */
+    jnc 1f
+    btl $28, %ecx                   /* AVX */
+    jnc 1f
+    movq %cr4, %rax
+    orq $0x40000, %rax              /* OSXSAVE */
+    movq %rax, %cr4
+    xorl %ecx, %ecx
+    xorl %edx, %edx
+    movl $7, %eax                   /* XCR0 = x87 | SSE | AVX */
+    xsetbv
+1:  lidt idtr(%rip)
+    movl %edi, %eax
+    shll $4, %eax
+    addl $0x30, %eax
+    ltr %ax
+    ret
+
+/* Drops to CPL 3: jumps to rsi with rdi as its first argument, on the user stack whose top is
+ * rdx (as if called: rsp = top - 8), RFLAGS = 0x2 (IF = 0, IOPL = 0). */
+enter_user:
+    xorl %eax, %eax
+    movw %ax, %ds
+    movw %ax, %es
+    pushq $0x23                     /* SS */
+    leaq -8(%rdx), %rax
+    pushq %rax                      /* RSP */
+    pushq $0x2                      /* RFLAGS */
+    pushq $0x2b                     /* CS */
+    pushq %rsi                      /* RIP */
+    iretq
+
+/* Exception entry: one 16-byte stub per vector; pushes a 0 error code where the CPU pushes none,
+ * then the vector. */
+.balign 16
+exception_stubs:
+.set vec, 0
+.rept 32
+    .balign 16
+    .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+    .else
+    pushq $0
+    .endif
+    pushq $vec
+    jmp exception
+    .set vec, vec + 1
+.endr
+
+/* Stack: vector, error code, rip, cs, rflags, rsp, ss. */
+exception:
+    cmpq $13, (%rsp)
+    jne 1f
+    testb $3, 24(%rsp)
+    jz 1f
+    movq 16(%rsp), %rax
+    cmpb $0xf4, (%rax)              /* #GP on a `hlt` at CPL 3: stop this CPU, as asked */
+    je halt
+1:  leaq panic_msg(%rip), %rsi
+    movq (%rsp), %rax
+    call print_field
+    leaq err_msg(%rip), %rsi
+    movq 8(%rsp), %rax
+    call print_field
+    leaq rip_msg(%rip), %rsi
+    movq 16(%rsp), %rax
+    call print_field
+    leaq cs_msg(%rip), %rsi
+    movq 24(%rsp), %rax
+    call print_field
+    leaq rsp_msg(%rip), %rsi
+    movq 40(%rsp), %rax
+    call print_field
+    leaq cr2_msg(%rip), %rsi
+    movq %cr2, %rax
+    call print_field
+    leaq cpu_msg(%rip), %rsi
+    leaq kernel_stacks(%rip), %rax
+    subq %rsp, %rax
+    negq %rax
+    shrq ${kstack_shift}, %rax      /* this CPU's index, from its kernel stack */
+    call print_field
+    leaq nl_msg(%rip), %rsi
+    call print_str
+halt:
+    cli
+    hlt
+    jmp halt
+
+/* Prints the string at rsi, then rax as 16 hex digits. Clobbers rax, rcx, rdx, rsi, r8, r9, r10. */
+print_field:
+    movq %rax, %r9
+    call print_str
+    movl $16, %r10d
+1:  rolq $4, %r9
+    movl %r9d, %eax
+    andl $15, %eax
+    cmpl $10, %eax
+    jb 2f
+    addl $'a' - '0' - 10, %eax
+2:  addl $'0', %eax
+    call print_char
+    decl %r10d
+    jnz 1b
+    ret
+
+/* Prints the NUL-terminated string at rsi. Clobbers rax, rcx, rdx, rsi, r8. */
+print_str:
+1:  movzbl (%rsi), %eax
+    testl %eax, %eax
+    jz 2f
+    call print_char
+    incq %rsi
+    jmp 1b
+2:  ret
+
+/* Writes al to COM1 once its transmit register is empty (bounded wait). Clobbers rax, rcx, rdx,
+ * r8. */
+print_char:
+    movl %eax, %r8d
+    movl $10000, %ecx
+    movw $0x3fd, %dx                /* line status register */
+1:  inb %dx, %al
+    testb $0x20, %al                /* transmit holding register empty */
+    jnz 2f
+    decl %ecx
+    jnz 1b
+2:  movw $0x3f8, %dx
+    movl %r8d, %eax
+    outb %al, %dx
+    ret
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * CPL 3 from here on (ordinary .text).
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .text.entry, "ax"
+/* The BSP's first CPL-3 code: zero .bss (Rust statics, arenas), then bsp_main(start_info). */
+bsp_user_entry:
+    movq %rdi, %rbx
+    leaq __bss_start(%rip), %rdi
+    leaq __bss_end(%rip), %rcx
+    subq %rdi, %rcx
+    shrq $3, %rcx
+    xorl %eax, %eax
+    rep stosq
+    movq %rbx, %rdi
+    andq $-16, %rsp                 /* as the ABI wants it before a call */
+    call {bsp_main}
+    ud2
+
+/* The memory functions the compiler expects from libc (no libc here). In assembly, so the
+ * compiler cannot turn them into calls to themselves. */
+.globl memcpy
+memcpy:
+    movq %rdi, %rax
+    movq %rdx, %rcx
+    rep movsb
+    ret
+
+.globl memmove
+memmove:
+    movq %rdi, %rax
+    movq %rdx, %rcx
+    cmpq %rsi, %rdi
+    jbe 1f                          /* dst <= src: copying forwards is safe */
+    leaq -1(%rsi, %rdx), %rsi       /* otherwise copy backwards */
+    leaq -1(%rdi, %rdx), %rdi
+    std
+    rep movsb
+    cld
+    ret
+1:  rep movsb
+    ret
+
+.globl memset
+memset:
+    movq %rdi, %r9
+    movl %esi, %eax
+    movq %rdx, %rcx
+    rep stosb
+    movq %r9, %rax
+    ret
+
+.globl memcmp
+.globl bcmp
+memcmp:
+bcmp:
+    xorl %eax, %eax
+    testq %rdx, %rdx
+    jz 2f
+1:  movzbl (%rdi), %eax
+    movzbl (%rsi), %ecx
+    subl %ecx, %eax
+    jnz 2f
+    incq %rdi
+    incq %rsi
+    decq %rdx
+    jnz 1b
+2:  ret
+
+/* Referenced by the prebuilt libcore's unwind tables; never called (panic = "abort"). */
+.globl rust_eh_personality
+rust_eh_personality:
+    ud2
+.popsection
+"#,
+    gibs = const GIBS,
+    kstack_size = const KSTACK_SIZE,
+    kstack_shift = const KSTACK_SIZE.trailing_zeros(),
+    stack_size = const STACK_SIZE,
+    stack_shift = const STACK_SIZE.trailing_zeros(),
+    tss_stride = const TSS_STRIDE,
+    max_cpus = const MAX_CPUS,
+    bsp_main = sym crate::bsp_main,
+    ap_main = sym smp::ap_main,
+    options(att_syntax)
+);
+
+/// The image's physical extent `[start, end)`.
+pub fn image_range() -> (u64, u64) {
+    // Only the addresses of the linker-defined symbols are taken.
+    (
+        core::ptr::addr_of!(__image_start) as u64,
+        core::ptr::addr_of!(__image_end) as u64,
+    )
+}

@@ -581,6 +581,7 @@ mod tests {
         r.read_ram(&mut back[500..]).expect("read");
         r.finish().expect("crc");
         assert_eq!(back, ram);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -626,6 +627,7 @@ mod tests {
         older[8..12].copy_from_slice(&0u32.to_le_bytes());
         check(&older, "older");
         check(b"#!/bin/sh\necho hello\n", "not a vmmd state file");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -637,5 +639,6 @@ mod tests {
         assert_eq!(m, sample());
         assert_eq!(h.ram_len, 3);
         assert!(parse_state_bytes::<Meta>(&bytes[..bytes.len() - 2]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -112,7 +112,7 @@ impl FromStr for MemorySpec {
             }
         }
         let size = size.ok_or_else(|| bad("size= is missing".into()))?;
-        if size < MIN_RAM || size % (2 << 20) != 0 {
+        if size < MIN_RAM || !size.is_multiple_of(2 << 20) {
             return Err(MemoryError::BadSize(size));
         }
         Ok(MemorySpec { size, path })

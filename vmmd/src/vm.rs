@@ -1005,7 +1005,7 @@ impl Vm {
                 let chunk = unsafe { guest_bytes(host.add(off), n) };
                 writer.write_ram(chunk)?;
                 done += n as u64;
-                if done % PROGRESS_EVERY == 0 {
+                if done.is_multiple_of(PROGRESS_EVERY) {
                     self.report_progress(MigrationStatus::Active, "save-ram", done, total, false);
                 }
             }
@@ -1094,7 +1094,7 @@ impl Vm {
                 let chunk = unsafe { guest_bytes_mut(host.add(off), n) };
                 reader.read_ram(chunk)?;
                 done += n as u64;
-                if done % PROGRESS_EVERY == 0 {
+                if done.is_multiple_of(PROGRESS_EVERY) {
                     self.report_progress(MigrationStatus::Active, "load-ram", done, total, true);
                 }
             }
@@ -1130,6 +1130,8 @@ impl Vm {
             SavedRunState::Suspended => RunState::Suspended,
         };
         clock.lap("resume");
+        // What this process saw of the guest's pause; a cpr-exec load knows the whole of it.
+        report.downtime = clock.start.elapsed();
         if let Some(ctx) = self.inherited.take() {
             self.finish_cpr_incoming(ctx, clock, report);
         }

@@ -20,8 +20,9 @@
 //!   work at CPL 3 with IOPL = 0 (on PVM, KVM performs them without entering the guest kernel).
 //! * `hlt` at CPL 3 raises #GP; the kernel treats a #GP on a `hlt` instruction from CPL 3 as
 //!   "stop this CPU" and halts it for good (`cli; hlt`).
-//! * Any other exception prints `PANIC exception vec=... err=... rip=... cs=... rsp=... cr2=...
-//!   cpu=...` on COM1 and halts the CPU.
+//! * Any other exception prints `PANIC exception vec=0x.. err=0x... rip=0x... cs=0x... rsp=0x...
+//!   cr2=0x... cpu=0x..` on COM1 (from the interrupted context; `cpu` from the kernel stack in use)
+//!   and halts the CPU.
 //!
 //! GDT selectors: 0x08 32-bit code, 0x10 data, 0x18 64-bit kernel code, 0x23 user data, 0x2b
 //! 64-bit user code, 0x30 + 16 * cpu that CPU's TSS.
@@ -95,13 +96,13 @@ idtr:
 next_cpu_index:
 .long 1
 
-panic_msg:   .asciz "\nPANIC exception vec="
-err_msg:     .asciz " err="
-rip_msg:     .asciz " rip="
-cs_msg:      .asciz " cs="
-rsp_msg:     .asciz " rsp="
-cr2_msg:     .asciz " cr2="
-cpu_msg:     .asciz " cpu="
+panic_msg:   .asciz "\nPANIC exception vec=0x"
+err_msg:     .asciz " err=0x"
+rip_msg:     .asciz " rip=0x"
+cs_msg:      .asciz " cs=0x"
+rsp_msg:     .asciz " rsp=0x"
+cr2_msg:     .asciz " cr2=0x"
+cpu_msg:     .asciz " cpu=0x"
 nl_msg:      .asciz "\n"
 .popsection
 
@@ -251,7 +252,10 @@ enter_long_mode:
     movl %eax, %cr0
     ljmp *(%ebp)
 
+.popsection
+
 /* Far pointers (offset, 64-bit code selector) for the jump into long mode. */
+.pushsection .data.far, "aw"
 .balign 8
 bsp_far: .long bsp_long
          .word 0x18
@@ -456,28 +460,33 @@ exception:
     movq 16(%rsp), %rax
     cmpb $0xf4, (%rax)              /* #GP on a `hlt` at CPL 3: stop this CPU, as asked */
     je halt
-1:  leaq panic_msg(%rip), %rsi
+1:  movl $2, %edi
+    leaq panic_msg(%rip), %rsi
     movq (%rsp), %rax
     call print_field
+    movl $16, %edi
     leaq err_msg(%rip), %rsi
     movq 8(%rsp), %rax
     call print_field
     leaq rip_msg(%rip), %rsi
     movq 16(%rsp), %rax
     call print_field
+    movl $4, %edi
     leaq cs_msg(%rip), %rsi
     movq 24(%rsp), %rax
     call print_field
+    movl $16, %edi
     leaq rsp_msg(%rip), %rsi
     movq 40(%rsp), %rax
     call print_field
     leaq cr2_msg(%rip), %rsi
     movq %cr2, %rax
     call print_field
+    movl $2, %edi
     leaq cpu_msg(%rip), %rsi
-    leaq kernel_stacks(%rip), %rax
-    subq %rsp, %rax
-    negq %rax
+    movq %rsp, %rax
+    leaq kernel_stacks(%rip), %rcx
+    subq %rcx, %rax
     shrq ${kstack_shift}, %rax      /* this CPU's index, from its kernel stack */
     call print_field
     leaq nl_msg(%rip), %rsi
@@ -487,11 +496,16 @@ halt:
     hlt
     jmp halt
 
-/* Prints the string at rsi, then rax as 16 hex digits. Clobbers rax, rcx, rdx, rsi, r8, r9, r10. */
+/* Prints the string at rsi, then the low edi (1..16) hex digits of rax. Clobbers rax, rcx, rdx,
+ * rsi, r8, r9, r10. */
 print_field:
     movq %rax, %r9
+    movl $16, %ecx
+    subl %edi, %ecx
+    shll $2, %ecx
+    shlq %cl, %r9                   /* the first digit to print in the top 4 bits */
     call print_str
-    movl $16, %r10d
+    movl %edi, %r10d
 1:  rolq $4, %r9
     movl %r9d, %eax
     andl $15, %eax

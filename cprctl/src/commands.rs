@@ -21,13 +21,18 @@ use crate::output::{
 pub const EXIT_FAILED: u8 = 1;
 /// Exit status when vmmd (or its console) could not be reached.
 pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit status of a failed `update` after which the guest is not back in its runstate from
+/// before (or vmmd does not answer): an operator must look.
+pub const EXIT_GUEST_NOT_RESTORED: u8 = 4;
 
 /// Control a vmmd virtual machine monitor over its gRPC API.
 #[derive(Debug, Parser)]
 #[command(
     name = "cprctl",
     version,
-    after_help = "Exit status: 0 success, 1 the request failed, 2 bad usage, 3 vmmd unreachable."
+    after_help = "Exit status: 0 success, 1 the request failed (update: refused, failed or rolled back, \
+                  guest running as before), 2 bad usage, 3 vmmd unreachable, 4 update failed and the \
+                  guest is not back in its runstate from before."
 )]
 pub struct Cli {
     /// vmmd's API socket (its --api-socket).
@@ -77,7 +82,12 @@ pub enum Command {
     },
     /// Stream runstate changes and migration progress until interrupted.
     Events,
-    /// Boot the test guest, save it, restore it into a new vmmd, verify, report.
+    /// Live-update vmmd to a new binary under the running guest (cpr-exec: same PID, RAM kept).
+    ///
+    /// Steps: preflight, set-mode, exec, wait-new-process, [migrate-incoming,] verify. Progress goes
+    /// to stderr (JSON lines with --json); the report to stdout.
+    Update(crate::update::UpdateArgs),
+    /// Boot the test guest, live-update it three times while timing the guest's heartbeats, report.
     Demo(crate::demo::DemoArgs),
     /// Attach this terminal to a console socket (Ctrl-] detaches; stdout is the raw console).
     Console {
@@ -125,6 +135,12 @@ pub enum CommandError {
     /// The demo failed.
     #[error("demo failed: {0}")]
     Demo(#[from] crate::demo::DemoError),
+    /// The update did not complete (its report is already printed).
+    #[error("update failed: {failure}{}", guest_note(failure))]
+    Update {
+        /// The failure and its report.
+        failure: crate::update::UpdateFailure,
+    },
     /// vmmd reported the migration as failed.
     #[error("migration to {uri} failed: {error}")]
     MigrationFailed {
@@ -149,14 +165,40 @@ pub enum CommandError {
     },
 }
 
+fn guest_note(f: &crate::update::UpdateFailure) -> String {
+    let r = &f.report;
+    match (r.run_state_after, f.guest_as_before()) {
+        (Some(state), true) => format!(
+            "; the guest is {state} on vmmd {} (pid {})",
+            r.new_version.as_deref().unwrap_or(&r.old_version),
+            r.pid_after.unwrap_or(r.pid)
+        ),
+        (Some(state), false) => format!(
+            "; ATTENTION: the guest is {state}, it was {}: check `cprctl status`",
+            r.run_state_before
+        ),
+        (None, _) => String::new(),
+    }
+}
+
 impl CommandError {
     /// The process exit status for this error.
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Client(ClientError::SocketMissing { .. } | ClientError::Connect { .. })
             | Self::Console(ConsoleError::Connect { .. }) => EXIT_UNREACHABLE,
+            Self::Update { failure: f } => match &f.error {
+                crate::update::UpdateError::Unreachable(_) if f.report.pid == 0 => EXIT_UNREACHABLE,
+                _ if f.guest_as_before() => EXIT_FAILED,
+                _ => EXIT_GUEST_NOT_RESTORED,
+            },
             _ => EXIT_FAILED,
         }
+    }
+
+    /// Whether the command already printed its result (`update` prints its report on failure too).
+    pub fn already_reported(&self) -> bool {
+        matches!(self, Self::Update { .. })
     }
 
     /// The `--json` form of this error.
@@ -190,10 +232,23 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
             .map_err(Into::into);
     }
     if let Command::Demo(args) = cli.command {
-        let report = crate::demo::run(args).await?;
+        let report = crate::demo::run(args, json).await?;
         return emit(&report, json);
     }
     let socket = cli.socket.ok_or(CommandError::NoSocket)?;
+    if let Command::Update(args) = &cli.command {
+        let mut progress = crate::update::StderrProgress {
+            json,
+            prefix: "cprctl update: ".to_owned(),
+        };
+        return match crate::update::run(&socket, args, &mut progress).await {
+            Ok(report) => emit(&report, json),
+            Err(failure) => {
+                emit(failure.report.as_ref(), json)?;
+                Err(CommandError::Update { failure })
+            }
+        };
+    }
     let mut vmm = client::connect(&socket).await?;
     match cli.command {
         Command::Status => {
@@ -297,7 +352,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
                 }
             }
         }
-        Command::Console { .. } | Command::Demo(_) => Ok(()),
+        Command::Console { .. } | Command::Demo(_) | Command::Update(_) => Ok(()),
     }
 }
 

@@ -1,12 +1,14 @@
-//! `cprctl demo`: boot the test guest, save it, restore it into a new vmmd, verify, report.
+//! `cprctl demo`: boot the test guest, live-update vmmd under it three times, report the blackout.
 //!
-//! The whole normal-mode save/restore path end to end, for a first look on a fresh machine.
+//! A console reader timestamps every heartbeat byte the guest sends (about one a millisecond) on the
+//! host's monotonic clock; the guest-visible blackout of an update is the longest gap between two
+//! heartbeats across it. Each update is `cprctl update`'s own workflow, with the same vmmd binary as
+//! the new one.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -15,11 +17,12 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
-use vmmd_proto::v1::{InfoRequest, MigrateIncomingRequest, MigrateRequest, QuitRequest};
+use vmmd_proto::v1::{InfoRequest, QuitRequest};
 
 use crate::client::{self, Client, ClientError};
 use crate::console::{LineSplitter, Token};
-use crate::output::{format_bytes, format_micros, MigrationView, Render};
+use crate::output::{format_bytes, format_micros, PhaseView, Render};
+use crate::update::{self, StderrProgress, UpdateArgs, UpdateFailure};
 
 /// How long vmmd may take to answer its API.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,6 +30,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a guest command may take to answer.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Heartbeats to wait for after each update before the next one.
+const SETTLE_HEARTBEATS: u64 = 200;
+/// Steady-state window measured before the first update, for comparison.
+const STEADY_WINDOW: Duration = Duration::from_secs(1);
 
 /// Options of `cprctl demo`.
 #[derive(Debug, Clone, clap::Args)]
@@ -37,13 +44,16 @@ pub struct DemoArgs {
     /// Guest RAM, e.g. 256M.
     #[arg(long, default_value = "256M")]
     pub memory: String,
+    /// Live updates to do.
+    #[arg(long, default_value_t = 3)]
+    pub updates: u32,
     /// Working directory for sockets, logs and the state file (default: a fresh one in /tmp).
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// Keep the working directory afterwards.
     #[arg(long)]
     pub keep: bool,
-    /// The vmmd binary (default: next to cprctl).
+    /// The vmmd binary (default: next to cprctl); also the binary each update switches to.
     #[arg(long, value_name = "PATH")]
     pub vmmd: Option<PathBuf>,
     /// The guest kernel (default: cpr-testguest next to cprctl).
@@ -139,14 +149,87 @@ pub enum DemoError {
         /// The guest's line.
         line: String,
     },
-    /// vmmd reported a failed migration.
-    #[error("{direction} migration failed: {error}")]
-    Migration {
-        /// `save` or `restore`.
-        direction: &'static str,
-        /// vmmd's message.
-        error: String,
+    /// A live update failed.
+    #[error("live update {n} failed: {source}; see the vmmd log in {}", dir.display())]
+    Update {
+        /// Which update (1-based).
+        n: u32,
+        /// The working directory.
+        dir: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: Box<UpdateFailure>,
     },
+}
+
+/// min/median/max of a figure over the updates, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Spread {
+    /// Smallest.
+    pub min: u64,
+    /// Median (the mean of the middle two for an even count).
+    pub median: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+impl Spread {
+    /// The spread of `values` (all zero when empty).
+    pub fn of(values: &[u64]) -> Spread {
+        let mut v = values.to_vec();
+        v.sort_unstable();
+        let Some((&min, &max)) = v.first().zip(v.last()) else {
+            return Spread::default();
+        };
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2
+        };
+        Spread { min, median, max }
+    }
+
+    fn human(&self) -> String {
+        format!(
+            "{} / {} / {}",
+            format_micros(self.min),
+            format_micros(self.median),
+            format_micros(self.max)
+        )
+    }
+}
+
+/// One live update as the demo saw it.
+#[derive(Debug, Serialize)]
+pub struct DemoUpdate {
+    /// 1-based.
+    pub n: u32,
+    /// Longest gap between two heartbeat bytes across the update (host monotonic clock).
+    pub blackout_micros: u64,
+    /// The pause vmmd measured.
+    pub vmmd_pause_micros: u64,
+    /// `cprctl update` start to verified.
+    pub total_micros: u64,
+    /// vmmd's phases.
+    pub phases: Vec<PhaseView>,
+    /// Version before.
+    pub old_version: String,
+    /// Version after.
+    pub new_version: String,
+    /// Update generation after.
+    pub generation: u64,
+}
+
+/// min/median/max over the updates.
+#[derive(Debug, Serialize)]
+pub struct DemoSummary {
+    /// Guest-visible blackout.
+    pub blackout_micros: Spread,
+    /// vmmd's pause.
+    pub vmmd_pause_micros: Spread,
+    /// Whole update.
+    pub total_micros: Spread,
 }
 
 /// What the demo did and measured.
@@ -160,24 +243,28 @@ pub struct DemoReport {
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory_bytes: u64,
-    /// Source vmmd's pid.
-    pub source_pid: u32,
-    /// Restored vmmd's pid.
-    pub target_pid: u32,
+    /// vmmd's pid (the same throughout).
+    pub pid: u32,
     /// vmmd start to the guest's READY line.
     pub boot_to_ready_ms: u64,
     /// The guest's READY line.
     pub ready: String,
-    /// Memory hash before the save, equal after the restore.
+    /// Memory hash before the updates, equal after them.
     pub verify_hash: String,
-    /// COUNTERS before the save.
+    /// COUNTERS before the updates.
     pub counters_before: String,
-    /// COUNTERS after the restore.
+    /// COUNTERS after the updates.
     pub counters_after: String,
-    /// The save, as vmmd reported it.
-    pub save: MigrationView,
-    /// The restore, as vmmd reported it.
-    pub restore: MigrationView,
+    /// Heartbeat bytes received between the two COUNTERS lines.
+    pub heartbeats_received: u64,
+    /// Heartbeats the guest counted between them (must equal what was received).
+    pub heartbeats_counted: u64,
+    /// Longest heartbeat gap in a quiet second before the first update, for comparison.
+    pub steady_max_gap_micros: u64,
+    /// Each update.
+    pub updates: Vec<DemoUpdate>,
+    /// min/median/max over the updates.
+    pub summary: DemoSummary,
 }
 
 impl Render for DemoReport {
@@ -188,7 +275,7 @@ impl Render for DemoReport {
             "1. booted {} vCPUs, {} (vmmd pid {}): READY after {} ms",
             self.vcpus,
             format_bytes(self.memory_bytes),
-            self.source_pid,
+            self.pid,
             self.boot_to_ready_ms
         );
         let _ = writeln!(s, "   {}", self.ready);
@@ -196,32 +283,67 @@ impl Render for DemoReport {
         let _ = writeln!(s, "   {}", self.counters_before);
         let _ = writeln!(
             s,
-            "3. saved to {} in {} (RAM {}, state {}, guest stopped {})",
-            self.save.uri,
-            format_micros(self.save.total_micros),
-            format_bytes(self.save.ram_bytes),
-            format_bytes(self.save.state_bytes),
-            format_micros(self.save.downtime_micros)
-        );
-        let _ = writeln!(s, "4. vmmd {} quit", self.source_pid);
-        let _ = writeln!(
-            s,
-            "5. restored into a new vmmd (pid {}) in {}",
-            self.target_pid,
-            format_micros(self.restore.total_micros)
+            "   steady state: longest heartbeat gap in 1 s without an update {}",
+            format_micros(self.steady_max_gap_micros)
         );
         let _ = writeln!(
             s,
-            "6. the guest carried on: same seed, counters moved on, memory hash unchanged"
+            "3. {} live updates (cpr-exec, same binary, same pid):",
+            self.updates.len()
+        );
+        for u in &self.updates {
+            let _ = writeln!(
+                s,
+                "   update {}: vmmd {} -> {}, generation {}: guest blackout {}, vmmd pause {}, update total {}",
+                u.n,
+                u.old_version,
+                u.new_version,
+                u.generation,
+                format_micros(u.blackout_micros),
+                format_micros(u.vmmd_pause_micros),
+                format_micros(u.total_micros)
+            );
+            let phases: Vec<String> = u
+                .phases
+                .iter()
+                .map(|p| format!("{} {}", p.name, format_micros(p.micros)))
+                .collect();
+            let _ = writeln!(s, "     phases: {}", phases.join(", "));
+        }
+        let _ = writeln!(
+            s,
+            "4. the guest carried on: same pid, memory hash unchanged, counters continued, \
+             {} heartbeats received = {} counted by the guest",
+            self.heartbeats_received, self.heartbeats_counted
         );
         let _ = writeln!(s, "   {}", self.counters_after);
+        let _ = writeln!(
+            s,
+            "summary (min / median / max over {} updates):",
+            self.updates.len()
+        );
+        let _ = writeln!(
+            s,
+            "   guest blackout (longest heartbeat gap)  {}",
+            self.summary.blackout_micros.human()
+        );
+        let _ = writeln!(
+            s,
+            "   vmmd pause (pause to resume)            {}",
+            self.summary.vmmd_pause_micros.human()
+        );
+        let _ = writeln!(
+            s,
+            "   update total (cprctl update)            {}",
+            self.summary.total_micros.human()
+        );
         let _ = writeln!(s, "OK");
         s
     }
 }
 
-/// Runs the demo.
-pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
+/// Runs the demo; update progress goes to stderr (JSON lines with `json`).
+pub async fn run(args: DemoArgs, json: bool) -> Result<DemoReport, DemoError> {
     let memory_bytes = cpr_common::parse_size(&args.memory)?;
     build_if_under_cargo(&args).await?;
     let (vmmd, kernel) = binaries(&args)?;
@@ -233,7 +355,7 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
         path: dir.clone(),
         source,
     })?;
-    let result = run_in(&args, memory_bytes, &vmmd, &kernel, &dir).await;
+    let result = run_in(&args, json, memory_bytes, &vmmd, &kernel, &dir).await;
     match &result {
         Ok(_) if !args.keep => {
             let _ = std::fs::remove_dir_all(&dir);
@@ -246,15 +368,14 @@ pub async fn run(args: DemoArgs) -> Result<DemoReport, DemoError> {
 
 async fn run_in(
     args: &DemoArgs,
+    json: bool,
     memory_bytes: u64,
     vmmd: &Path,
     kernel: &Path,
     dir: &Path,
 ) -> Result<DemoReport, DemoError> {
     let console_path = dir.join("console.sock");
-    let state = dir.join("vm.state");
-    let uri = format!("file:{}", state.display());
-    let base = VmmdSpec {
+    let spec = VmmdSpec {
         vmmd,
         kernel,
         dir,
@@ -269,91 +390,137 @@ async fn run_in(
         dir.display()
     );
     let started = Instant::now();
-    let mut src = base.spawn("source", None).await?;
+    let mut vm = spec.spawn("vm").await?;
     let mut console = GuestConsole::connect(&console_path, dir).await?;
-    let ready = console.wait_line("READY", READY_TIMEOUT).await?;
-    let boot_to_ready_ms = started.elapsed().as_millis() as u64;
+    let (ready, _) = console.wait_line("READY", READY_TIMEOUT).await?;
+    let boot_to_ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
 
     // 2. Verify and count.
     let verify_hash = verify(&mut console).await?;
-    let counters_before = console.command(b'c', "COUNTERS").await?;
+    let (counters_before, beats_at_before) = console.command(b'c', "COUNTERS").await?;
+    let quiet_from = Instant::now();
+    tokio::time::sleep(STEADY_WINDOW).await;
+    let steady_max_gap_micros = micros(console.max_gap(quiet_from, Instant::now()));
 
-    // 3. Save.
-    eprintln!("cprctl demo: saving to {}", state.display());
-    let save = src
-        .api
-        .migrate(MigrateRequest { uri: uri.clone() })
+    // 3. Live updates.
+    let mut updates = Vec::new();
+    for n in 1..=args.updates {
+        eprintln!("cprctl demo: live update {n}/{}", args.updates);
+        let mut progress = StderrProgress {
+            json,
+            prefix: format!("cprctl demo: update {n}: "),
+        };
+        let from = Instant::now();
+        let report = update::run(
+            &vm.api_socket,
+            &UpdateArgs::new(vmmd.to_path_buf()),
+            &mut progress,
+        )
         .await
-        .map_err(|s| ClientError::rpc("migrate", s))?
-        .into_inner();
-    let save = MigrationView::from(save);
-    if save.status != "completed" {
-        return Err(DemoError::Migration {
-            direction: "save",
-            error: save.error.clone().unwrap_or_else(|| save.status.to_owned()),
+        .map_err(|source| DemoError::Update {
+            n,
+            dir: dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let done = Instant::now();
+        console
+            .wait_heartbeats(SETTLE_HEARTBEATS, COMMAND_TIMEOUT)
+            .await?;
+        let blackout = console.max_gap_across(from, done);
+        updates.push(DemoUpdate {
+            n,
+            blackout_micros: micros(blackout),
+            vmmd_pause_micros: report.vmmd_pause_micros.unwrap_or(0),
+            total_micros: report.total_micros,
+            phases: report.phases,
+            old_version: report.old_version,
+            new_version: report.new_version.unwrap_or_default(),
+            generation: report.generation_after.unwrap_or(0),
         });
     }
 
-    // 4. Quit.
-    let _ = src.api.quit(QuitRequest {}).await;
-    src.wait_exit().await?;
-    drop(console);
-
-    // 5. Restore into a new vmmd.
-    eprintln!("cprctl demo: restoring into a new vmmd");
-    let mut dst = base.spawn("target", Some("defer")).await?;
-    let mut console = GuestConsole::connect(&console_path, dir).await?;
-    let restore = dst
-        .api
-        .migrate_incoming(MigrateIncomingRequest { uri })
-        .await
-        .map_err(|s| ClientError::rpc("migrate-incoming", s))?
-        .into_inner();
-    let restore = MigrationView::from(restore);
-    if restore.status != "completed" {
-        return Err(DemoError::Migration {
-            direction: "restore",
-            error: restore
-                .error
-                .clone()
-                .unwrap_or_else(|| restore.status.to_owned()),
-        });
-    }
-
-    // 6. The guest carries on.
-    console.wait_heartbeats(50, COMMAND_TIMEOUT).await?;
-    let counters_after = console.command(b'c', "COUNTERS").await?;
+    // 4. The guest carried on.
+    let (counters_after, beats_at_after) = console.command(b'c', "COUNTERS").await?;
     check_continues(&counters_before, &counters_after)?;
+    let hb = |l: &str| {
+        field(l, "hb")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let heartbeats_counted = hb(&counters_after).saturating_sub(hb(&counters_before));
+    let heartbeats_received = beats_at_after - beats_at_before;
+    if heartbeats_counted != heartbeats_received {
+        return Err(DemoError::Guest {
+            problem: "sent heartbeats the console did not receive exactly once",
+            line: format!(
+                "the guest counted {heartbeats_counted} between the COUNTERS lines, the console \
+                 received {heartbeats_received}"
+            ),
+        });
+    }
     let hash_after = verify(&mut console).await?;
     if hash_after != verify_hash {
         return Err(DemoError::Guest {
-            problem: "memory hash changed across save/restore",
+            problem: "memory hash changed across the live updates",
             line: format!("before {verify_hash}, after {hash_after}"),
         });
     }
-    let _ = dst.api.quit(QuitRequest {}).await;
-    dst.wait_exit().await?;
+    let info = vm
+        .api
+        .info(InfoRequest {})
+        .await
+        .map_err(|s| ClientError::rpc("info", s))?
+        .into_inner();
+    if info.pid != vm.pid {
+        return Err(DemoError::Guest {
+            problem: "is run by another process after the updates",
+            line: format!("vmmd pid {} then {}", vm.pid, info.pid),
+        });
+    }
+    let _ = vm.reconnect().await?.quit(QuitRequest {}).await;
+    vm.wait_exit().await?;
 
+    let summary = DemoSummary {
+        blackout_micros: Spread::of(
+            &updates
+                .iter()
+                .map(|u| u.blackout_micros)
+                .collect::<Vec<_>>(),
+        ),
+        vmmd_pause_micros: Spread::of(
+            &updates
+                .iter()
+                .map(|u| u.vmmd_pause_micros)
+                .collect::<Vec<_>>(),
+        ),
+        total_micros: Spread::of(&updates.iter().map(|u| u.total_micros).collect::<Vec<_>>()),
+    };
     Ok(DemoReport {
         ok: true,
         dir: dir.display().to_string(),
         vcpus: args.vcpus,
         memory_bytes,
-        source_pid: src.pid,
-        target_pid: dst.pid,
+        pid: vm.pid,
         boot_to_ready_ms,
         ready,
         verify_hash,
         counters_before,
         counters_after,
-        save,
-        restore,
+        heartbeats_received,
+        heartbeats_counted,
+        steady_max_gap_micros,
+        updates,
+        summary,
     })
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Sends `v`; the hash of a `VERIFY OK` line.
 async fn verify(console: &mut GuestConsole) -> Result<String, DemoError> {
-    let line = console.command(b'v', "VERIFY").await?;
+    let (line, _) = console.command(b'v', "VERIFY").await?;
     match line.strip_prefix("VERIFY OK ") {
         Some(hash) => Ok(hash.trim().to_owned()),
         None => Err(DemoError::Guest {
@@ -462,11 +629,12 @@ struct Vmmd {
     child: Child,
     pid: u32,
     api: Client,
+    api_socket: PathBuf,
     log: PathBuf,
 }
 
 impl VmmdSpec<'_> {
-    async fn spawn(&self, name: &str, incoming: Option<&str>) -> Result<Vmmd, DemoError> {
+    async fn spawn(&self, name: &str) -> Result<Vmmd, DemoError> {
         let api_socket = self.dir.join(format!("{name}.sock"));
         let log = self.dir.join(format!("{name}.log"));
         let io_err = |op, source| DemoError::Io {
@@ -487,9 +655,6 @@ impl VmmdSpec<'_> {
             .arg(format!("size={}", self.memory))
             .arg("--serial")
             .arg(format!("socket={}", self.console.display()));
-        if let Some(incoming) = incoming {
-            cmd.arg("--incoming").arg(incoming);
-        }
         let mut child = cmd
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -513,6 +678,7 @@ impl VmmdSpec<'_> {
                         child,
                         pid,
                         api,
+                        api_socket,
                         log,
                     });
                 }
@@ -530,6 +696,12 @@ impl VmmdSpec<'_> {
 }
 
 impl Vmmd {
+    /// A fresh API connection (connections to the process before an update die with the exec).
+    async fn reconnect(&mut self) -> Result<&mut Client, DemoError> {
+        self.api = client::connect(&self.api_socket).await?;
+        Ok(&mut self.api)
+    }
+
     /// Waits for vmmd to exit after Quit; a non-zero status is an error.
     async fn wait_exit(&mut self) -> Result<(), DemoError> {
         let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
@@ -562,13 +734,26 @@ fn exited(status: std::process::ExitStatus, when: &'static str, log: &Path) -> D
     }
 }
 
-/// The guest console: lines arrive on a channel, heartbeats are counted.
+/// What the console reader shares: every heartbeat's arrival time.
+#[derive(Default)]
+struct Beats {
+    at: Vec<Instant>,
+}
+
+/// The guest console: lines arrive on a channel (with the heartbeat count when they completed),
+/// heartbeats are timestamped.
 struct GuestConsole {
     writer: OwnedWriteHalf,
-    lines: mpsc::UnboundedReceiver<String>,
-    heartbeats: Arc<AtomicU64>,
+    lines: mpsc::UnboundedReceiver<(String, u64)>,
+    beats: Arc<Mutex<Beats>>,
     path: PathBuf,
     dir: PathBuf,
+}
+
+fn lock(beats: &Mutex<Beats>) -> std::sync::MutexGuard<'_, Beats> {
+    beats
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl GuestConsole {
@@ -590,8 +775,8 @@ impl GuestConsole {
         };
         let (mut reader, writer) = stream.into_split();
         let (tx, lines) = mpsc::unbounded_channel();
-        let heartbeats = Arc::new(AtomicU64::new(0));
-        let beats = Arc::clone(&heartbeats);
+        let beats = Arc::new(Mutex::new(Beats::default()));
+        let shared = Arc::clone(&beats);
         tokio::spawn(async move {
             let mut splitter = LineSplitter::default();
             let mut buf = [0u8; 4096];
@@ -599,15 +784,15 @@ impl GuestConsole {
                 if n == 0 {
                     break;
                 }
-                for &b in &buf[..n] {
-                    match splitter.push(b) {
-                        Some(Token::Heartbeat) => {
-                            beats.fetch_add(1, Ordering::Relaxed);
-                        }
+                let at = Instant::now();
+                let mut b = lock(&shared);
+                for &byte in &buf[..n] {
+                    match splitter.push(byte) {
+                        Some(Token::Heartbeat) => b.at.push(at),
                         Some(Token::Line(line)) => {
+                            let count = b.at.len() as u64;
                             // The demo stopped listening: nothing more to do.
-                            let gone = tx.send(line).is_err();
-                            if gone {
+                            if tx.send((line, count)).is_err() {
                                 return;
                             }
                         }
@@ -619,7 +804,7 @@ impl GuestConsole {
         Ok(Self {
             writer,
             lines,
-            heartbeats,
+            beats,
             path: path.to_path_buf(),
             dir: dir.to_path_buf(),
         })
@@ -633,14 +818,19 @@ impl GuestConsole {
         }
     }
 
-    /// The next line starting with `prefix`; a failure line on the way is an error.
-    async fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, DemoError> {
+    /// The next line starting with `prefix` and the heartbeats received before it; a failure line
+    /// on the way is an error.
+    async fn wait_line(
+        &mut self,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<(String, u64), DemoError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let line = tokio::time::timeout_at(deadline, self.lines.recv())
                 .await
                 .map_err(|_| self.timeout(format!("the guest's {prefix} line"), timeout))?;
-            let Some(line) = line else {
+            let Some((line, beats)) = line else {
                 return Err(DemoError::Console {
                     path: self.path.clone(),
                     source: std::io::Error::new(
@@ -650,7 +840,7 @@ impl GuestConsole {
                 });
             };
             if line.starts_with(prefix) {
-                return Ok(line);
+                return Ok((line, beats));
             }
             if line.starts_with("FAIL") || line.starts_with("PANIC") {
                 return Err(DemoError::Guest {
@@ -662,7 +852,7 @@ impl GuestConsole {
     }
 
     /// Sends a one-byte command and waits for its answer.
-    async fn command(&mut self, cmd: u8, answer: &str) -> Result<String, DemoError> {
+    async fn command(&mut self, cmd: u8, answer: &str) -> Result<(String, u64), DemoError> {
         self.writer
             .write_all(&[cmd])
             .await
@@ -675,16 +865,49 @@ impl GuestConsole {
 
     /// Waits until `n` more heartbeats arrived.
     async fn wait_heartbeats(&self, n: u64, timeout: Duration) -> Result<(), DemoError> {
-        let target = self.heartbeats.load(Ordering::Relaxed) + n;
+        let count = || lock(&self.beats).at.len() as u64;
+        let target = count() + n;
         let deadline = Instant::now() + timeout;
-        while self.heartbeats.load(Ordering::Relaxed) < target {
+        while count() < target {
             if Instant::now() > deadline {
-                return Err(self.timeout("heartbeats after the restore".into(), timeout));
+                return Err(self.timeout("heartbeats after the update".into(), timeout));
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Ok(())
     }
+
+    /// The longest gap between heartbeats inside `[from, to]` (the window's edges bound it).
+    fn max_gap(&self, from: Instant, to: Instant) -> Duration {
+        let b = lock(&self.beats);
+        let start = b.at.partition_point(|&t| t < from);
+        let end = b.at.partition_point(|&t| t <= to);
+        let mut prev = from;
+        let mut gap = Duration::ZERO;
+        for &t in &b.at[start..end] {
+            gap = gap.max(t - prev);
+            prev = t;
+        }
+        gap.max(to.saturating_duration_since(prev))
+    }
+
+    /// The longest gap between consecutive heartbeats from the last one before `from` to the
+    /// first one after `to`: the guest-visible blackout of something that ran in `[from, to]`.
+    fn max_gap_across(&self, from: Instant, to: Instant) -> Duration {
+        let b = lock(&self.beats);
+        max_gap_across(&b.at, from, to)
+    }
+}
+
+/// See [`GuestConsole::max_gap_across`].
+fn max_gap_across(beats: &[Instant], from: Instant, to: Instant) -> Duration {
+    let start = beats.partition_point(|&t| t < from).saturating_sub(1);
+    let end = (beats.partition_point(|&t| t <= to) + 1).min(beats.len());
+    beats[start..end]
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]
@@ -708,10 +931,44 @@ mod tests {
     }
 
     #[test]
+    fn blackout_is_the_longest_gap_from_the_beat_before_to_the_beat_after() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Beats every 1 ms, a 7 ms hole from 10 to 17, then beats again.
+        let beats: Vec<Instant> = (0..=10).chain(17..=25).map(ms).collect();
+        // The update ran from 11 to 16: the hole straddles its edges.
+        assert_eq!(
+            max_gap_across(&beats, ms(11), ms(16)),
+            Duration::from_millis(7)
+        );
+        // A window without the hole sees the 1 ms rhythm.
+        assert_eq!(
+            max_gap_across(&beats, ms(2), ms(5)),
+            Duration::from_millis(1)
+        );
+        assert_eq!(max_gap_across(&[], ms(2), ms(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn spread_is_min_median_max() {
+        assert_eq!(
+            Spread::of(&[5, 1, 3]),
+            Spread {
+                min: 1,
+                median: 3,
+                max: 5
+            }
+        );
+        assert_eq!(Spread::of(&[4, 2]).median, 3);
+        assert_eq!(Spread::of(&[]), Spread::default());
+    }
+
+    #[test]
     fn missing_binaries_say_how_to_build_them() {
         let args = DemoArgs {
             vcpus: 1,
             memory: "64M".into(),
+            updates: 3,
             dir: None,
             keep: false,
             vmmd: Some("/nonexistent/vmmd".into()),

@@ -8,3 +8,4 @@ pub mod commands;
 pub mod console;
 pub mod demo;
 pub mod output;
+pub mod update;

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("cprctl: {err}");
-            if json {
+            if json && !err.already_reported() {
                 // Best effort: the human message is already on stderr.
                 let _ = output::print(&mut std::io::stdout().lock(), &err.to_view(), true);
             }

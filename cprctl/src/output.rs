@@ -238,7 +238,7 @@ impl Render for ModeView {
 }
 
 /// One timed phase of a migration.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PhaseView {
     /// e.g. `pause`, `save-ram`.
     pub name: String,

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 use cprctl::client::{self, Client, ClientError};
 use tonic::Status;
 use vmmd_proto::v1::{
-    Event, EventsRequest, InfoRequest, InfoResponse, MigrateIncomingRequest, MigrateRequest,
-    MigrationInfo, MigrationMode, MigrationParameters, PauseRequest, QueryMigrateRequest,
-    QuitRequest, ResumeRequest, RunState, SystemWakeupRequest,
+    Event, EventsRequest, GetMigrationParametersRequest, InfoRequest, InfoResponse,
+    MigrateIncomingRequest, MigrateRequest, MigrationInfo, MigrationMode, MigrationParameters,
+    PauseRequest, QueryMigrateRequest, QuitRequest, ResumeRequest, RunState, SystemWakeupRequest,
 };
 
 /// A connected vmmd API client.
@@ -124,6 +124,14 @@ impl Api {
         };
         self.rt
             .block_on(c.set_migration_parameters(params))
+            .map(|r| r.into_inner())
+    }
+
+    /// GetMigrationParameters.
+    pub fn migration_parameters(&self) -> Result<MigrationParameters, Status> {
+        let mut c = self.client.clone();
+        self.rt
+            .block_on(c.get_migration_parameters(GetMigrationParametersRequest {}))
             .map(|r| r.into_inner())
     }
 

@@ -21,6 +21,8 @@ pub struct Line {
     pub at: Instant,
     /// The line without framing newlines.
     pub text: String,
+    /// Heartbeats received before this line.
+    pub heartbeats_before: usize,
 }
 
 pub use cprctl::console::{LineSplitter, Token};
@@ -175,9 +177,26 @@ impl Console {
 
     /// Sends `c` and parses the COUNTERS line.
     pub fn counters(&mut self) -> crate::guest::Counters {
+        self.counters_and_received().0
+    }
+
+    /// Sends `c`; the parsed COUNTERS line and how many heartbeat bytes arrived before it.
+    ///
+    /// The guest reads its heartbeat counter as it starts the line and emits no heartbeat inside
+    /// a line, so between two such answers the counter's increase must equal the bytes received.
+    pub fn counters_and_received(&mut self) -> (crate::guest::Counters, usize) {
         let line = self.command(b'c');
-        crate::guest::Counters::parse(&line)
-            .unwrap_or_else(|e| panic!("bad COUNTERS line {line:?}: {e}"))
+        let counters = crate::guest::Counters::parse(&line)
+            .unwrap_or_else(|e| panic!("bad COUNTERS line {line:?}: {e}"));
+        let received = self
+            .record()
+            .lines
+            .iter()
+            .rev()
+            .find(|l| l.text == line)
+            .map(|l| l.heartbeats_before)
+            .expect("the answer line is in the record");
+        (counters, received)
     }
 
     /// Sends `v` and parses the VERIFY line.
@@ -358,7 +377,14 @@ fn read_loop(mut stream: UnixStream, shared: &Shared) {
         for &b in &buf[..n] {
             match splitter.push(b) {
                 Some(Token::Heartbeat) => rec.heartbeats.push(at),
-                Some(Token::Line(text)) => rec.lines.push(Line { at, text }),
+                Some(Token::Line(text)) => {
+                    let heartbeats_before = rec.heartbeats.len();
+                    rec.lines.push(Line {
+                        at,
+                        text,
+                        heartbeats_before,
+                    });
+                }
                 None => {}
             }
         }

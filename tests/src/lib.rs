@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bins;
 pub mod console;
+pub mod cpr;
 pub mod dir;
 pub mod guest;
 pub mod smaps;

@@ -257,6 +257,27 @@ impl VmmdProcess {
         &self.api
     }
 
+    /// A fresh API connection (after a live update the old one is gone); panics if vmmd does not
+    /// answer Info within [`START_TIMEOUT`].
+    pub fn reconnect(&mut self) -> &Api {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match Api::connect(&self.api_socket) {
+                Ok(api) if api.info().is_ok() => {
+                    self.api = api;
+                    return &self.api;
+                }
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vmmd's API did not answer within {START_TIMEOUT:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// vmmd's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

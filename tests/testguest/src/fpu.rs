@@ -72,7 +72,8 @@ static BUFFERS: AllBuffers = AllBuffers(UnsafeCell::new(
     }; MAX_CPUS],
 ));
 
-/// Volatile accesses keep the compiler from merging the fields into SSE vector operations.
+/// Volatile accesses keep the compiler from merging the fields into vector operations (which
+/// might pick xmm8..15, the registers held across iterations).
 fn put<T>(buf: *mut u8, off: usize, v: T) {
     // SAFETY: callers pass naturally aligned offsets inside a 512-byte, 64-aligned FXSAVE area.
     unsafe { write_volatile(buf.add(off) as *mut T, v) }

@@ -69,10 +69,8 @@ impl BootInfo {
     pub fn ram_bytes(&self) -> u64 {
         let mut total = 0;
         for e in self.memmap() {
-            // Volatile: a vectorised sum would use SSE the instruction emulator cannot run.
-            // SAFETY: reads of a live reference.
-            if unsafe { read_volatile(&e.kind) } == E820_RAM {
-                total += unsafe { read_volatile(&e.size) };
+            if e.kind == E820_RAM {
+                total += e.size;
             }
         }
         total

@@ -5,9 +5,8 @@
 //! `FAIL <what> cpu=<n> <detail>` ([`print_new`]); past the log's capacity it prints one
 //! `FAIL overflow cpu=0 total=<n>` line per batch instead.
 //!
-//! Details travel as plain words written with volatile stores: a `Failure` struct copied around
-//! would be packed into SSE registers by the compiler, with instructions KVM's instruction
-//! emulator cannot run (see README).
+//! Details travel as plain words written with volatile stores before the slot's `ready` flag is
+//! set, so a reader on another CPU sees either nothing or the whole record.
 
 use crate::uart::{line, Line};
 use core::cell::UnsafeCell;

@@ -1133,11 +1133,12 @@ async fn info_once(socket: &Path) -> Result<InfoResponse, ClientError> {
         .map_err(|s| ClientError::rpc("info", s))
 }
 
-/// Codes vmmd uses when it refuses an update before pausing anything.
+/// Codes vmmd uses when it refuses an update before pausing anything (a state file that cannot be
+/// created is NOT_FOUND or PERMISSION_DENIED, but only after the pause: not a refusal).
 fn is_refusal(code: Code) -> bool {
     matches!(
         code,
-        Code::FailedPrecondition | Code::InvalidArgument | Code::Unimplemented | Code::NotFound
+        Code::FailedPrecondition | Code::InvalidArgument | Code::Unimplemented
     )
 }
 

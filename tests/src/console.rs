@@ -266,6 +266,22 @@ impl Console {
         gap.max(to.saturating_duration_since(prev))
     }
 
+    /// The longest gap between consecutive heartbeats from the last one before `from` to the first
+    /// one after `to`: the guest-visible blackout of something that ran in `[from, to]`.
+    pub fn max_heartbeat_gap_across(&self, from: Instant, to: Instant) -> Duration {
+        let rec = self.record();
+        let start = rec
+            .heartbeats
+            .partition_point(|&t| t < from)
+            .saturating_sub(1);
+        let end = (rec.heartbeats.partition_point(|&t| t <= to) + 1).min(rec.heartbeats.len());
+        rec.heartbeats[start..end]
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(Duration::ZERO)
+    }
+
     /// All complete lines so far (consumed or not).
     pub fn lines(&self) -> Vec<Line> {
         self.record().lines.clone()

@@ -593,7 +593,10 @@ fn run_vcpu(
                 );
                 None
             }
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => None,
+            Ok(e @ (VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen)) => {
+                tracing::trace!(vcpu = id, exit = ?e, "vCPU exit");
+                None
+            }
             Ok(VcpuExit::Shutdown) => Some(GuestRequest::Reset(format!(
                 "triple fault ({})",
                 describe_cpu(&vcpu)

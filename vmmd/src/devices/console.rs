@@ -284,6 +284,12 @@ struct Shared {
     client_fd: AtomicI32,
 }
 
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
 impl Shared {
     fn out(&self) -> MutexGuard<'_, OutBuf> {
         self.out.lock().unwrap_or_else(PoisonError::into_inner)
@@ -353,6 +359,8 @@ pub struct Console {
     fixed_fds: Vec<(&'static str, RawFd)>,
     socket_file: Option<SocketFile>,
     thread: Option<JoinHandle<Stopped>>,
+    /// Stopped by `quiesce`: its shared state lives on in a hand-over.
+    quiesced: bool,
 }
 
 impl fmt::Debug for Console {
@@ -404,7 +412,7 @@ impl Console {
             }
             SerialBackendSpec::Null => {}
         }
-        let mut console = Self::start(spec.clone(), fds, buffer_bytes, Vec::new())?;
+        let mut console = Self::start(spec.clone(), fds, buffer_bytes, Vec::new(), None)?;
         console.socket_file = socket_file;
         console.pty_path = pty_path;
         Ok(console)
@@ -416,10 +424,34 @@ impl Console {
         fds: ConsoleFds,
         buffer_bytes: usize,
         pending_in: Vec<u8>,
+        reuse: Option<Arc<Shared>>,
     ) -> Result<Console, ConsoleError> {
+        let shared = match reuse {
+            // Writers (the UART) and the input sink keep pointing at the same shared state.
+            Some(shared) => {
+                shared.stop.store(false, Ordering::SeqCst);
+                shared
+                    .client_connected
+                    .store(fds.client.is_some(), Ordering::SeqCst);
+                shared.client_fd.store(
+                    fds.client.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                    Ordering::SeqCst,
+                );
+                shared
+            }
+            None => Self::new_shared(&spec, &fds, buffer_bytes)?,
+        };
+        Self::spawn(spec, shared, fds, pending_in)
+    }
+
+    fn new_shared(
+        spec: &SerialBackendSpec,
+        fds: &ConsoleFds,
+        buffer_bytes: usize,
+    ) -> Result<Arc<Shared>, ConsoleError> {
         let wake =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(ConsoleError::EventFd)?;
-        let shared = Arc::new(Shared {
+        Ok(Arc::new(Shared {
             out: Mutex::new(OutBuf {
                 data: VecDeque::with_capacity(buffer_bytes.min(OUT_CHUNK)),
                 capacity: buffer_bytes,
@@ -429,11 +461,19 @@ impl Console {
             }),
             sink: Mutex::new(None),
             wake,
-            discard: AtomicBool::new(spec == SerialBackendSpec::Null),
+            discard: AtomicBool::new(*spec == SerialBackendSpec::Null),
             stop: AtomicBool::new(false),
             client_connected: AtomicBool::new(fds.client.is_some()),
             client_fd: AtomicI32::new(fds.client.as_ref().map_or(-1, AsRawFd::as_raw_fd)),
-        });
+        }))
+    }
+
+    fn spawn(
+        spec: SerialBackendSpec,
+        shared: Arc<Shared>,
+        fds: ConsoleFds,
+        pending_in: Vec<u8>,
+    ) -> Result<Console, ConsoleError> {
         let mut fixed_fds = Vec::new();
         let named = [
             ("console-listener", &fds.listener),
@@ -480,6 +520,7 @@ impl Console {
             fixed_fds,
             socket_file: None,
             thread,
+            quiesced: false,
         })
     }
 
@@ -560,6 +601,9 @@ pub struct ConsoleHandover {
     /// The pty slave path (pty backend).
     pub pty_path: Option<PathBuf>,
     socket_file: Option<SocketFile>,
+    /// The stopped console's shared state, when it is restarted in the same process: the UART's
+    /// writer and the input sink point at it.
+    shared: Option<Arc<Shared>>,
 }
 
 impl ConsoleHandover {
@@ -611,6 +655,7 @@ impl ConsoleHandover {
             pending_in,
             pty_path,
             socket_file,
+            shared: None,
         }
     }
 }
@@ -637,7 +682,12 @@ impl Console {
                 pending_in: Vec::new(),
             },
         };
-        let pending_out: Vec<u8> = self.shared.out().data.drain(..).collect();
+        let pending_out: Vec<u8> = {
+            let mut out = self.shared.out();
+            out.head_seq += out.data.len() as u64;
+            out.data.drain(..).collect()
+        };
+        self.quiesced = true;
         ConsoleHandover {
             spec: self.spec.clone(),
             fds: stopped.fds,
@@ -645,6 +695,7 @@ impl Console {
             pending_in: stopped.pending_in,
             pty_path: self.pty_path.take(),
             socket_file: self.socket_file.take(),
+            shared: Some(Arc::clone(&self.shared)),
         }
     }
 
@@ -653,7 +704,7 @@ impl Console {
         if buffer_bytes == 0 {
             return Err(ConsoleError::ZeroBuffer);
         }
-        let mut console = Self::start(h.spec, h.fds, buffer_bytes, h.pending_in)?;
+        let mut console = Self::start(h.spec, h.fds, buffer_bytes, h.pending_in, h.shared)?;
         console.socket_file = h.socket_file;
         console.pty_path = h.pty_path;
         if !h.pending_out.is_empty() {
@@ -674,7 +725,9 @@ impl Drop for Console {
                 Err(_) => tracing::error!("the console thread panicked"),
             }
         }
-        self.shared.discard.store(true, Ordering::SeqCst);
+        if !self.quiesced {
+            self.shared.discard.store(true, Ordering::SeqCst);
+        }
         if let Some(file) = self.socket_file.take() {
             // Remove the path only if it is still the socket this console bound.
             match std::fs::symlink_metadata(&file.path) {

@@ -24,6 +24,9 @@
 //!   cr2=0x... cpu=0x..` on COM1 (from the interrupted context; `cpu` from the kernel stack in use)
 //!   and halts the CPU.
 //!
+//! The file also holds the little CPL-3 assembly the Rust code needs (in .text):
+//! `bsp_user_entry` (zeroes .bss, then calls `bsp_main`) and the `mem*` functions.
+//!
 //! GDT selectors: 0x08 32-bit code, 0x10 data, 0x18 64-bit kernel code, 0x23 user data, 0x2b
 //! 64-bit user code, 0x30 + 16 * cpu that CPU's TSS.
 

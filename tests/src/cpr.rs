@@ -130,6 +130,20 @@ pub fn fd_count(pid: u32) -> usize {
         .count()
 }
 
+/// Open fds of `pid` once transient ones (API connections being closed) are gone: the smallest
+/// count over half a second.
+pub fn quiet_fd_count(pid: u32) -> usize {
+    (0..10)
+        .map(|i| {
+            if i > 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            fd_count(pid)
+        })
+        .min()
+        .unwrap_or(0)
+}
+
 /// The fds of `pid` and what they point at, for diagnostics.
 pub fn fd_targets(pid: u32) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cpr_tests::cpr::{
-    alt_version_vmmd, cprctl_update, exe_identity, exe_path, fd_count, fd_targets, info_now,
+    alt_version_vmmd, cprctl_update, exe_identity, exe_path, fd_targets, info_now, quiet_fd_count,
     script, set_mode, stat_pid, update_in_process, vmmd_copy, vmmd_with_missing_interpreter,
     wait_settled, CprctlUpdate, ALT_VERSION,
 };
@@ -504,7 +504,7 @@ fn two_hundred_updates_leak_no_fds_or_memory() {
         update_in_process(&socket, &UpdateArgs::new(b.clone())).expect("warm-up update");
     }
     g.assert_intact("after the warm-up");
-    let fds_before = fd_count(pid);
+    let fds_before = quiet_fd_count(pid);
     let fd_list_before = fd_targets(pid);
     let rss_before = process_rss_excluding_guest_ram(pid, None).expect("smaps");
     for i in 0..UPDATES {
@@ -521,7 +521,7 @@ fn two_hundred_updates_leak_no_fds_or_memory() {
     }
     g.assert_intact("after 200 updates");
     assert_eq!(g.generation(), 2 + UPDATES as u64);
-    let fds_after = fd_count(pid);
+    let fds_after = quiet_fd_count(pid);
     assert!(
         fds_after <= fds_before,
         "vmmd's fds grew from {fds_before} to {fds_after} over {UPDATES} updates:\nbefore {fd_list_before:#?}\nafter {:#?}",

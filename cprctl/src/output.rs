@@ -546,7 +546,8 @@ mod tests {
             update_generation: 3,
             executable: "/usr/bin/vmmd".into(),
             state_format_version: 2,
-            update_status: String::new(),
+            // Fields added later (update_status, ...) stay at their defaults.
+            ..InfoResponse::default()
         };
         let view = StatusView::from(info);
         let human = view.human();

@@ -259,7 +259,7 @@ fn save_restore(args: &Args) -> Result<Value> {
         let mut samples = Vec::new();
         for run in 1..=args.runs {
             eprintln!("cpr-bench: {size} run {run}/{}", args.runs);
-            let sample = one_run(size, &args).with_context(|| format!("{size} run {run}"))?;
+            let sample = one_run(size, args).with_context(|| format!("{size} run {run}"))?;
             eprintln!(
                 "cpr-bench:   first heartbeat {:.1} ms, rss {:.0} KiB, save {:.1} ms, restore {:.1} ms",
                 sample.first_heartbeat_ms,

@@ -8,8 +8,8 @@
 //!
 //! * `pvh_start32` (.kernel32): the PVH entry (named by the `Xen` ELF note below), entered in
 //!   32-bit protected mode, paging off, `ebx` = `hvm_start_info`. Masks the 8259s, loads our GDT,
-//!   zeroes .kbss, builds identity page tables (user-accessible: U/S = 1 at every level) and
-//!   enters long mode.
+//!   zeroes .kbss and enters long mode on the identity page tables (user-accessible: U/S = 1 at
+//!   every level), which are data built by the assembler.
 //! * `ap_trampoline` (.kernel16): real-mode code that `smp` copies to [`TRAMPOLINE_ADDR`]; an AP
 //!   started by INIT/SIPI/SIPI goes real -> protected -> the same long-mode path as the BSP.
 //! * .kernel64: per-CPU setup (CR0/CR4, XCR0 with `xsetbv`, IDT, TSS), the exception handlers and
@@ -110,13 +110,42 @@ nl_msg:      .asciz "\n"
 .popsection
 
 /* ---------------------------------------------------------------------------------------------
- * Zeroed at boot (.kbss): PML4, PDPT, IDT, TSSs followed by the I/O permission bitmap they share.
- * Not zeroed (.noinit): page directories (fully written), stacks.
+ * Page tables: an identity map of the first 64 GiB, with U/S = 1 at every level (all memory is
+ * reachable from CPL 3) and 2 MiB pages, the 32 MiB just below 4 GiB (IOAPIC, local APIC,
+ * firmware) uncacheable as an OS maps device memory. Built by the assembler, not at run time:
+ * CPL-0 code is emulated on PVM hosts, where filling 32768 entries one instruction at a time
+ * takes most of a second.
+ * ------------------------------------------------------------------------------------------- */
+.pushsection .data.page_tables, "aw"
+.balign 4096
+pml4:
+.quad pdpt + 0x7                /* present | writable | user */
+.skip 4096 - 8
+pdpt:
+.set i, 0
+.rept {gibs}
+.quad pd + i * 4096 + 0x7       /* present | writable | user */
+.set i, i + 1
+.endr
+.skip 4096 - 8 * {gibs}
+pd:
+.set i, 0
+.rept {gibs} * 512
+.if (i >= 0x7f0) && (i < 0x800)
+.quad (i << 21) + 0x9f          /* present | writable | user | PWT | PCD (uncacheable) | 2 MiB */
+.else
+.quad (i << 21) + 0x87          /* present | writable | user | 2 MiB page */
+.endif
+.set i, i + 1
+.endr
+.popsection
+
+/* ---------------------------------------------------------------------------------------------
+ * Zeroed at boot (.kbss): IDT, TSSs followed by the I/O permission bitmap they share.
+ * Not zeroed (.noinit): stacks.
  * ------------------------------------------------------------------------------------------- */
 .pushsection .kbss, "aw", @nobits
 .balign 4096
-pml4:   .skip 4096
-pdpt:   .skip 4096
 idt:    .skip 4096
 tss:    .skip {tss_stride} * {max_cpus}
 io_bitmap:
@@ -125,7 +154,6 @@ io_bitmap:
 
 .pushsection .noinit, "aw", @nobits
 .balign 4096
-pd:     .skip 4096 * {gibs}
 kernel_stacks:
         .skip {kstack_size} * {max_cpus}
 .globl user_stacks
@@ -158,71 +186,13 @@ pvh_start32:
     movw %ax, %fs
     movw %ax, %gs
 
-    /* Zero .kbss (the rest of .bss is zeroed at CPL 3, natively). */
+    /* Zero .kbss (the rest of .bss is zeroed at CPL 3, natively; the page tables are data). */
     movl $__kbss_start, %edi
     movl $__kbss_end, %ecx
     subl %edi, %ecx
     shrl $2, %ecx
     xorl %eax, %eax
     rep stosl
-
-    /* PML4[0] -> PDPT. Every level has U/S = 1 (0x4): all memory is reachable from CPL 3. */
-    movl $pdpt + 0x7, pml4          /* present | writable | user */
-
-    /* How many GiB get 2 MiB pages (ebp): the first 4 always (the uncacheable hole below 4 GiB
-     * needs them); the rest are 1 GiB pages when the CPU has them (CPUID 0x80000001 EDX.26),
-     * which saves building 30000 entries one emulated instruction at a time. */
-    movl $4, %ebp
-    movl $0x80000000, %eax
-    cpuid
-    cmpl $0x80000001, %eax
-    jb 2f
-    movl $0x80000001, %eax
-    cpuid
-    btl $26, %edx
-    jc 3f
-2:  movl ${gibs}, %ebp
-3:
-    /* PDPT[i] -> PD i for i < ebp; 1 GiB pages above. */
-    xorl %edx, %edx                 /* edx = GiB index */
-4:  cmpl %ebp, %edx
-    jae 5f
-    movl %edx, %eax
-    shll $12, %eax
-    addl $pd + 0x7, %eax            /* present | writable | user */
-    movl %eax, pdpt(, %edx, 8)
-    jmp 6f
-5:  movl %edx, %eax
-    shll $30, %eax
-    orl $0x87, %eax                 /* present | writable | user | 1 GiB page */
-    movl %eax, pdpt(, %edx, 8)
-    movl %edx, %eax
-    shrl $2, %eax                   /* physical address bits 32.. */
-    movl %eax, pdpt + 4(, %edx, 8)
-6:  incl %edx
-    cmpl ${gibs}, %edx
-    jb 4b
-
-    /* PD entries (ebp * 512 of them): 2 MiB pages, entry i maps physical i << 21. The 32 MiB just
-     * below 4 GiB (IOAPIC, local APIC, firmware) is mapped uncacheable, as an OS maps device
-     * memory. */
-    shll $9, %ebp
-    xorl %edx, %edx                 /* edx = entry index */
-7:  movl %edx, %eax
-    shll $21, %eax
-    orl $0x87, %eax                 /* present | writable | user | 2 MiB page */
-    cmpl $0x7f0, %edx
-    jb 8f
-    cmpl $0x800, %edx
-    jae 8f
-    orl $0x18, %eax                 /* PWT | PCD: uncacheable */
-8:  movl %edx, %ecx
-    shrl $11, %ecx                  /* high half of the physical address */
-    movl %eax, pd(, %edx, 8)
-    movl %ecx, pd + 4(, %edx, 8)
-    incl %edx
-    cmpl %ebp, %edx
-    jb 7b
 
     movl $bsp_far, %ebp
     jmp enter_long_mode

@@ -7,8 +7,8 @@
 //! README.md, "Privilege levels".
 //!
 //! * `pvh_start32` (.kernel32): the PVH entry (named by the `Xen` ELF note below), entered in
-//!   32-bit protected mode, paging off, `ebx` = `hvm_start_info`. Masks the 8259s, loads our GDT,
-//!   zeroes .kbss and enters long mode on the identity page tables (user-accessible: U/S = 1 at
+//!   32-bit protected mode, paging off, `ebx` = `hvm_start_info`. Masks the 8259s, loads our GDT
+//!   and enters long mode on the identity page tables (user-accessible: U/S = 1 at
 //!   every level), which are data built by the assembler.
 //! * `ap_trampoline` (.kernel16): real-mode code that `smp` copies to [`TRAMPOLINE_ADDR`]; an AP
 //!   started by INIT/SIPI/SIPI goes real -> protected -> the same long-mode path as the BSP.
@@ -141,15 +141,16 @@ pd:
 .popsection
 
 /* ---------------------------------------------------------------------------------------------
- * Zeroed at boot (.kbss): IDT, TSSs followed by the I/O permission bitmap they share.
- * Not zeroed (.noinit): stacks.
+ * IDT (filled in by kernel_setup), TSSs and the I/O permission bitmap they share: data, so that
+ * nothing needs zeroing at CPL 0. Stacks (.noinit) are never zeroed.
  * ------------------------------------------------------------------------------------------- */
-.pushsection .kbss, "aw", @nobits
+.pushsection .data.kernel, "aw"
 .balign 4096
-idt:    .skip 4096
+idt:    .skip 32 * 16
 tss:    .skip {tss_stride} * {max_cpus}
 io_bitmap:
-        .skip 8192 + 16          /* one bit per port, all 0 (allowed); then a 0xff byte */
+        .skip 8192               /* one bit per port, all 0: every port allowed */
+        .byte 0xff               /* the CPU reads 2 bytes per check: this ends the bitmap */
 .popsection
 
 .pushsection .noinit, "aw", @nobits
@@ -185,14 +186,6 @@ pvh_start32:
     movw %ax, %ss
     movw %ax, %fs
     movw %ax, %gs
-
-    /* Zero .kbss (the rest of .bss is zeroed at CPL 3, natively; the page tables are data). */
-    movl $__kbss_start, %edi
-    movl $__kbss_end, %ecx
-    subl %edi, %ecx
-    shrl $2, %ecx
-    xorl %eax, %eax
-    rep stosl
 
     movl $bsp_far, %ebp
     jmp enter_long_mode
@@ -340,7 +333,6 @@ kernel_setup:
     subl ${tss_stride}, %r9d
     decl %ecx
     jnz 1b
-    movb $0xff, io_bitmap + 8192(%rip)
 
     leaq exception_stubs(%rip), %rax   /* stub i is at exception_stubs + 16 * i */
     leaq idt(%rip), %rdi

@@ -228,7 +228,7 @@ fn console_pipe_mode_sends_input_and_prints_output() {
 }
 
 #[test]
-fn demo_saves_restores_and_verifies_the_guest() {
+fn demo_live_updates_three_times_and_reports_the_blackout() {
     let dir = TestDir::new("cprctl-demo");
     let out = Command::new(bins::cprctl())
         .args([
@@ -247,10 +247,21 @@ fn demo_saves_restores_and_verifies_the_guest() {
         .expect("cannot run cprctl demo");
     let v = json_of(&out);
     assert_eq!(v["ok"], true, "{v}");
-    assert_eq!(v["save"]["status"], "completed", "{v}");
-    assert_eq!(v["restore"]["status"], "completed", "{v}");
-    assert_eq!(v["restore"]["incoming"], true, "{v}");
-    assert_ne!(v["source_pid"], v["target_pid"], "{v}");
+    let updates = v["updates"].as_array().expect("updates");
+    assert_eq!(updates.len(), 3, "{v}");
+    for (i, u) in updates.iter().enumerate() {
+        assert_eq!(u["n"], i + 1, "{u}");
+        assert_eq!(u["generation"], i + 1, "{u}");
+        // The guest did stop, for about as long as vmmd says it paused it.
+        assert!(u["blackout_micros"].as_u64() > Some(0), "{u}");
+        assert!(u["vmmd_pause_micros"].as_u64() > Some(0), "{u}");
+        assert!(u["phases"].as_array().is_some_and(|p| p.len() == 7), "{u}");
+    }
+    let summary = &v["summary"]["blackout_micros"];
+    assert!(summary["min"].as_u64() <= summary["median"].as_u64(), "{v}");
+    assert!(summary["median"].as_u64() <= summary["max"].as_u64(), "{v}");
+    assert_eq!(v["heartbeats_received"], v["heartbeats_counted"], "{v}");
+    assert!(v["heartbeats_received"].as_u64() > Some(0), "{v}");
     assert!(
         v["verify_hash"].as_str().is_some_and(|h| !h.is_empty()),
         "{v}"
@@ -261,8 +272,48 @@ fn demo_saves_restores_and_verifies_the_guest() {
             .is_some_and(|r| r.starts_with("READY cpus=1")),
         "{v}"
     );
-    assert!(
-        dir.join("vm.state").is_file(),
-        "--keep keeps the state file"
-    );
+    // Progress went to stderr, one line per step event.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("\"step\":\"verify\""), "{stderr}");
+}
+
+#[test]
+fn update_shows_each_step_and_a_human_report() {
+    let (vmm, _console, _) = VmmdProcess::boot(VmmdOptions::new(1, "64M"));
+    let out = Command::new(bins::cprctl())
+        .arg("--socket")
+        .arg(&vmm.api_socket)
+        .args(["update", "--binary"])
+        .arg(bins::vmmd())
+        .output()
+        .expect("cannot run cprctl update");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    for step in [
+        "[1/5] preflight done",
+        "[2/5] set-mode done",
+        "[3/5] exec done",
+        "[4/5] wait-new-process done",
+        "[5/5] verify done",
+    ] {
+        assert!(stderr.contains(step), "no {step:?} in progress: {stderr}");
+    }
+    assert!(stdout.starts_with("updated vmmd "), "{stdout}");
+    assert!(stdout.contains(&format!("pid {}", vmm.pid())), "{stdout}");
+    assert!(stdout.contains("guest paused (vmmd):"), "{stdout}");
+    assert_eq!(vmm.api().run_state(), RunState::Running);
+
+    // A refused update exits 1, says why and where the guest is.
+    let out = Command::new(bins::cprctl())
+        .arg("--socket")
+        .arg(&vmm.api_socket)
+        .args(["update", "--binary", "/nonexistent/vmmd"])
+        .output()
+        .expect("cannot run cprctl update");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/vmmd"), "{stderr}");
+    assert!(stderr.contains("nothing was changed"), "{stderr}");
+    assert!(stderr.contains("the guest is running"), "{stderr}");
 }

@@ -157,7 +157,6 @@ io_bitmap:
 .balign 4096
 kernel_stacks:
         .skip {kstack_size} * {max_cpus}
-.globl user_stacks
 user_stacks:
         .skip {stack_size} * {max_cpus}
 .popsection
@@ -179,26 +178,18 @@ pvh_start32:
     outb %al, $0x21
     movl %ebx, %esi                 /* esi = hvm_start_info (kept until bsp_main) */
     lgdt gdtr
+    movl $bsp_far, %ebp
     ljmp $0x08, $1f
+
+/* APs arrive here from the trampoline, already in protected mode with our GDT. */
+ap_start32:
+    movl $ap_far, %ebp
 1:  movl $0x10, %eax
     movw %ax, %ds
     movw %ax, %es
     movw %ax, %ss
     movw %ax, %fs
     movw %ax, %gs
-
-    movl $bsp_far, %ebp
-    jmp enter_long_mode
-
-/* APs arrive here from the trampoline, already in protected mode with our GDT. */
-ap_start32:
-    movl $0x10, %eax
-    movw %ax, %ds
-    movw %ax, %es
-    movw %ax, %ss
-    movw %ax, %fs
-    movw %ax, %gs
-    movl $ap_far, %ebp
     /* fall through */
 
 /* Enable PAE, load CR3, set EFER.LME, enable paging, far-jump into 64-bit code through the far

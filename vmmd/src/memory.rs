@@ -72,7 +72,7 @@ pub enum MemoryError {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// The inherited RAM fd does not have the configured size.
-    #[error("inherited guest RAM is {found} bytes but --memory says {expected}: give the new vmmd the same --memory")]
+    #[error("existing guest RAM is {found} bytes but --memory says {expected}: give this vmmd the --memory size the guest was saved with (the RAM was left untouched)")]
     InheritedSize {
         /// Size of the inherited fd.
         found: u64,
@@ -169,11 +169,15 @@ pub struct GuestRam {
     path: Option<PathBuf>,
     regions: Vec<RamRegion>,
     memory: GuestMemoryMmap,
+    preexisting: bool,
+    created: bool,
 }
 
 impl GuestRam {
-    /// Creates the backing fd and maps it.
-    pub fn create(spec: &MemorySpec) -> Result<GuestRam, MemoryError> {
+    /// Creates the backing fd and maps it. With `keep_existing` (an incoming VM), an existing RAM file
+    /// of another size is refused rather than resized: it may be some guest's RAM.
+    pub fn create(spec: &MemorySpec, keep_existing: bool) -> Result<GuestRam, MemoryError> {
+        let existed = spec.path.as_ref().is_some_and(|p| p.exists());
         let (file, what) = match &spec.path {
             None => (create_memfd()?, "memfd".to_string()),
             Some(path) => (open_backing_file(path)?, path.display().to_string()),
@@ -186,7 +190,21 @@ impl GuestRam {
                 source,
             })?
             .len();
+        if keep_existing && spec.path.is_some() && current != 0 && current != spec.size {
+            return Err(MemoryError::InheritedSize {
+                found: current,
+                expected: spec.size,
+            });
+        }
         if current != spec.size {
+            if spec.path.is_some() && current != 0 {
+                tracing::warn!(
+                    path = %what,
+                    found = current,
+                    size = spec.size,
+                    "guest RAM file has another size; resizing it (its contents are not this guest's)"
+                );
+            }
             file.set_len(spec.size)
                 .map_err(|source| MemoryError::Resize {
                     what,
@@ -194,7 +212,37 @@ impl GuestRam {
                     source,
                 })?;
         }
-        Self::map(file, spec.path.clone(), spec.size)
+        let mut ram = Self::map(file, spec.path.clone(), spec.size)?;
+        ram.preexisting = spec.path.is_some() && current == spec.size;
+        ram.created = spec.path.is_some() && !existed;
+        Ok(ram)
+    }
+
+    /// Removes a RAM file this process created itself (it holds no guest's RAM), e.g. when a
+    /// cpr-reboot load finds the guest's RAM file missing: the path is left as it was found.
+    pub fn remove_if_created(&mut self) {
+        if let (true, Some(path)) = (self.created, &self.path) {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed the RAM file this vmmd created")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove the RAM file this vmmd created")
+                }
+            }
+            self.created = false;
+        }
+    }
+
+    /// Whether the RAM file already existed with exactly this size (so it may hold a guest's RAM, as
+    /// after a cpr-reboot). Always false for a memfd.
+    pub fn preexisting(&self) -> bool {
+        self.preexisting
+    }
+
+    /// Flushes a file-backed guest RAM to its file (before a host reboot).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_all()
     }
 
     /// Maps guest RAM inherited across `execve` (the fd of the previous process's [`GuestRam`]).
@@ -219,7 +267,9 @@ impl GuestRam {
                 expected: spec.size,
             });
         }
-        Self::map(file, spec.path.clone(), size)
+        let mut ram = Self::map(file, spec.path.clone(), size)?;
+        ram.preexisting = true;
+        Ok(ram)
     }
 
     /// Maps an existing backing fd of `size` bytes.
@@ -257,6 +307,8 @@ impl GuestRam {
             path,
             regions,
             memory,
+            preexisting: false,
+            created: false,
         })
     }
 
@@ -341,7 +393,7 @@ mod tests {
 
     #[test]
     fn memfd_is_shared() {
-        let ram = GuestRam::create(&"size=16M".parse().expect("spec")).expect("create");
+        let ram = GuestRam::create(&"size=16M".parse().expect("spec"), false).expect("create");
         ram.memory()
             .write_obj(0x1234_5678u32, GuestAddress(0x1000))
             .expect("write");

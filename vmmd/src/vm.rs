@@ -215,6 +215,14 @@ pub enum VmError {
     /// A cpr-exec step failed.
     #[error(transparent)]
     CprExec(#[from] CprExecError),
+    /// The mode is blocked by the configuration.
+    #[error("{mode} is blocked: {blocker}")]
+    Blocked {
+        /// The mode.
+        mode: MigrationMode,
+        /// What blocks it and what to configure.
+        blocker: String,
+    },
     /// Injected by a test.
     #[error("injected fault: {0}")]
     Injected(&'static str),
@@ -400,7 +408,7 @@ impl Vm {
                 }),
             ),
             None => (
-                GuestRam::create(&config.memory)?,
+                GuestRam::create(&config.memory, config.incoming.is_some())?,
                 Console::open(&config.serial, CONSOLE_BUFFER)?,
                 None,
             ),
@@ -653,9 +661,6 @@ impl Vm {
         mode: MigrationMode,
         exec_args: Vec<String>,
     ) -> Result<(MigrationMode, Vec<String>), VmError> {
-        if mode == MigrationMode::CprReboot {
-            return Err(VmError::UnsupportedMode(mode));
-        }
         if !exec_args.is_empty() {
             if cpr_exec::incoming_arg(&exec_args).is_none() {
                 return Err(CprExecError::NotIncoming.into());
@@ -681,6 +686,19 @@ impl Vm {
         let mut blockers = Vec::new();
         if self.api_listener_fd.is_none() {
             blockers.push("the API socket is not known to the CPR engine".to_string());
+        }
+        blockers
+    }
+
+    /// Why cpr-reboot cannot run now (empty when it can).
+    pub fn cpr_reboot_blockers(&self) -> Vec<String> {
+        let mut blockers = Vec::new();
+        if self.config.memory.path.is_none() {
+            blockers.push(
+                "guest RAM is an anonymous memfd, which does not outlive the vmmd process: start vmmd \
+                 with --memory size=...,path=FILE on /dev/shm, hugetlbfs or a DAX device"
+                    .to_string(),
+            );
         }
         blockers
     }
@@ -802,7 +820,7 @@ impl Vm {
         match self.mode {
             MigrationMode::Normal => {}
             MigrationMode::CprExec => return self.cpr_exec(uri, &path, saved_state),
-            mode => return Err(VmError::UnsupportedMode(mode)),
+            MigrationMode::CprReboot => return self.cpr_reboot(uri, &path, saved_state),
         }
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
@@ -870,6 +888,60 @@ impl Vm {
         let result = Err(err);
         self.finish_report(report, clock, &result);
         result.map(|()| MigrationReport::default())
+    }
+
+    /// cpr-reboot: pause, flush guest RAM to its file, save state without RAM (fsync) and stop in
+    /// `postmigrate`; a vmmd started after the host reboot maps the same RAM file and loads the state.
+    /// On failure the guest runs on.
+    fn cpr_reboot(
+        &mut self,
+        uri: &str,
+        path: &std::path::Path,
+        saved: SavedRunState,
+    ) -> Result<MigrationReport, VmError> {
+        if let Some(blocker) = self.cpr_reboot_blockers().into_iter().next() {
+            return Err(VmError::Blocked {
+                mode: MigrationMode::CprReboot,
+                blocker,
+            });
+        }
+        let mut report = self.start_report(uri, false);
+        let mut clock = PhaseClock::new();
+        let was_running = saved == SavedRunState::Running;
+        let result = (|| {
+            if was_running {
+                self.pause_vcpus()?;
+            }
+            clock.lap("pause");
+            let paused_at = Instant::now();
+            let state = self.capture(saved)?;
+            let meta = encode_meta(&state)?;
+            report.state_bytes = meta.len() as u64;
+            clock.lap("save-state");
+            self.ram.sync().map_err(|source| {
+                VmError::StateFile(StateFileError::Io {
+                    path: self.ram.path().map(|p| p.to_path_buf()).unwrap_or_default(),
+                    op: "fsync guest RAM",
+                    source,
+                })
+            })?;
+            clock.lap("sync-ram");
+            StateWriter::create(path, &meta, 0)?.finish()?;
+            clock.lap("sync");
+            report.downtime = paused_at.elapsed() + clock.phases[0].1;
+            Ok(())
+        })();
+        match &result {
+            Ok(()) => self.set_run_state(RunState::PostMigrate, "cpr-reboot state saved"),
+            Err(e) => {
+                warn!(error = %e, "cpr-reboot save failed; the guest carries on");
+                if was_running {
+                    self.vcpus.control.resume();
+                }
+            }
+        }
+        let report = self.finish_report(report, clock, &result);
+        result.map(|()| report)
     }
 
     fn exec_paused(
@@ -1074,13 +1146,20 @@ impl Vm {
         let has_ram = reader.header().has_ram;
         if has_ram {
             reader.expect_ram_len(self.ram.size())?;
-        } else if self.inherited.is_none() && self.config.memory.path.is_none() {
-            return Err(incompatible(
-                "it holds no guest RAM (written in cpr-exec or cpr-reboot mode), and this vmmd neither \
-                 inherited the guest's RAM nor maps a RAM file: load it with the vmmd that cpr-exec \
-                 started, or with --memory path= pointing at the guest's RAM file"
+        } else if self.inherited.is_none() && !self.ram.preexisting() {
+            let err = incompatible(match self.ram.path() {
+                Some(p) => format!(
+                    "it holds no guest RAM (cpr-reboot), and the RAM file {} did not exist when this \
+                     vmmd started: point --memory path= at the guest's RAM file",
+                    p.display()
+                ),
+                None => "it holds no guest RAM (written in cpr-exec or cpr-reboot mode), and this vmmd \
+                         neither inherited the guest's RAM nor maps a RAM file: load it with \
+                         --memory size=...,path= pointing at the guest's RAM file"
                     .into(),
-            ));
+            });
+            self.ram.remove_if_created();
+            return Err(err);
         }
         clock.lap("load-state");
 

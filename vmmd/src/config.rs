@@ -1,6 +1,21 @@
-//! Command-line flags.
+//! Command-line flags and the VM configuration file (TOML).
+//!
+//! ```toml
+//! # /etc/vmmd/vm1.toml
+//! api_socket = "/run/vmmd/vm1.sock"
+//! kernel = "/var/lib/vmmd/images/guest.elf"
+//! cmdline = "console=ttyS0"
+//! vcpus = 2
+//! serial = "socket=/run/vmmd/vm1.console"
+//!
+//! [memory]
+//! size = "1G"
+//! path = "/dev/shm/vmmd/vm1.ram"   # omit for an anonymous memfd
+//! ```
+//!
+//! A flag given on the command line wins over the file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
@@ -13,27 +28,26 @@ use crate::vm::{FaultInjection, Incoming, VmConfig};
 #[command(name = "vmmd", version = crate::vm::VERSION)]
 pub struct Cli {
     /// Unix socket the gRPC API is served on (created mode 0600).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "check_state_version"
-    )]
+    #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// VM configuration file (TOML); command-line flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// PVH ELF kernel to boot (not loaded with --incoming).
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=64))]
-    pub vcpus: u8,
-    /// Guest RAM: size=SIZE[,path=FILE] (an anonymous memfd without path).
-    #[arg(long, default_value = "size=256M")]
-    pub memory: MemorySpec,
-    /// COM1 backend: socket=PATH, file=PATH, pty or null.
-    #[arg(long, default_value = "null")]
-    pub serial: SerialBackendSpec,
+    /// Kernel command line (default empty).
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs (default 1).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=64))]
+    pub vcpus: Option<u8>,
+    /// Guest RAM: size=SIZE[,path=FILE] (an anonymous memfd without path; default size=256M).
+    #[arg(long)]
+    pub memory: Option<MemorySpec>,
+    /// COM1 backend: socket=PATH, file=PATH, pty or null (default null).
+    #[arg(long)]
+    pub serial: Option<SerialBackendSpec>,
     /// Wait for an incoming migration (`defer`) or load one at start (`file:PATH`).
     #[arg(long, value_name = "defer|file:PATH")]
     pub incoming: Option<Incoming>,
@@ -58,18 +72,181 @@ pub struct Cli {
     pub check_state_version: Option<u32>,
 }
 
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read VM configuration {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a VM configuration.
+    #[error("VM configuration {path} is invalid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value in the file is invalid.
+    #[error("VM configuration {path}: {field}: {detail}")]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        field: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// No API socket in flags or file.
+    #[error("no API socket: give --api-socket PATH or api_socket in the configuration file")]
+    NoApiSocket,
+}
+
+/// `[memory]` in the configuration file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryFile {
+    /// e.g. "1G".
+    pub size: Option<String>,
+    /// Backing file.
+    pub path: Option<PathBuf>,
+}
+
+/// The configuration file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// API socket.
+    pub api_socket: Option<PathBuf>,
+    /// Kernel.
+    pub kernel: Option<PathBuf>,
+    /// Command line.
+    pub cmdline: Option<String>,
+    /// vCPUs.
+    pub vcpus: Option<u8>,
+    /// Guest RAM.
+    #[serde(default)]
+    pub memory: MemoryFile,
+    /// Serial backend, as for --serial.
+    pub serial: Option<String>,
+}
+
+impl ConfigFile {
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
 impl Cli {
-    /// The VM configuration these flags describe.
-    pub fn vm_config(&self) -> VmConfig {
-        VmConfig {
-            vcpus: self.vcpus,
-            memory: self.memory.clone(),
-            kernel: self.kernel.clone(),
-            cmdline: self.cmdline.clone(),
-            serial: self.serial.clone(),
-            api_socket: self.api_socket.clone().unwrap_or_default(),
+    /// The VM configuration the flags and the configuration file describe (flags win).
+    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => ConfigFile::load(path)?,
+            None => ConfigFile::default(),
+        };
+        let path = self.config.clone().unwrap_or_default();
+        let value = |field: &'static str, detail: String| ConfigError::Value {
+            path: path.clone(),
+            field,
+            detail,
+        };
+        let memory = match (&self.memory, &file.memory.size) {
+            (Some(m), _) => m.clone(),
+            (None, Some(size)) => {
+                let mut spec = format!("size={size}");
+                if let Some(p) = &file.memory.path {
+                    spec.push_str(&format!(",path={}", p.display()));
+                }
+                spec.parse::<MemorySpec>()
+                    .map_err(|e| value("memory", e.to_string()))?
+            }
+            (None, None) => MemorySpec {
+                size: 256 << 20,
+                path: file.memory.path.clone(),
+            },
+        };
+        let serial = match (&self.serial, &file.serial) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => s
+                .parse()
+                .map_err(|e: crate::devices::console::ConsoleError| {
+                    value("serial", e.to_string())
+                })?,
+            (None, None) => SerialBackendSpec::Null,
+        };
+        let vcpus = self.vcpus.or(file.vcpus).unwrap_or(1);
+        if !(1..=64).contains(&vcpus) {
+            return Err(value("vcpus", format!("{vcpus} is not in 1..=64")));
+        }
+        Ok(VmConfig {
+            vcpus,
+            memory,
+            kernel: self.kernel.clone().or(file.kernel),
+            cmdline: self.cmdline.clone().or(file.cmdline).unwrap_or_default(),
+            serial,
+            api_socket: self
+                .api_socket
+                .clone()
+                .or(file.api_socket)
+                .ok_or(ConfigError::NoApiSocket)?,
             incoming: self.incoming.clone(),
             fault: self.fault_inject,
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        Cli::parse_from(std::iter::once("vmmd").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("vmmd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let file = dir.join("vm1.toml");
+        std::fs::write(
+            &file,
+            "api_socket = \"/run/vmmd/vm1.sock\"\nkernel = \"/k\"\nvcpus = 2\nserial = \"socket=/run/c\"\n[memory]\nsize = \"1G\"\npath = \"/dev/shm/vm1.ram\"\n",
+        )
+        .expect("write");
+        let f = file.to_str().expect("utf8");
+        let c = cli(&["--config", f]).vm_config().expect("config");
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(
+            c.memory.path.as_deref(),
+            Some(Path::new("/dev/shm/vm1.ram"))
+        );
+        assert_eq!(c.serial.to_string(), "socket=/run/c");
+        let c = cli(&["--config", f, "--vcpus", "1", "--memory", "size=64M"])
+            .vm_config()
+            .expect("config");
+        assert_eq!((c.vcpus, c.memory.size, c.memory.path), (1, 64 << 20, None));
+        std::fs::write(&file, "vcpu = 2\n").expect("write");
+        let err = cli(&["--config", f]).vm_config().expect_err("unknown key");
+        assert!(err.to_string().contains("vcpu"), "{err}");
+        assert!(matches!(
+            cli(&[]).vm_config(),
+            Err(ConfigError::NoApiSocket)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

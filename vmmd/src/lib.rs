@@ -8,5 +8,6 @@ pub mod config;
 pub mod cpr;
 pub mod devices;
 pub mod memory;
+pub mod notify;
 pub mod vcpu;
 pub mod vm;

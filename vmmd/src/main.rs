@@ -24,6 +24,8 @@ enum MainError {
     Api(#[from] api::ApiError),
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    #[error(transparent)]
+    Config(#[from] vmmd::config::ConfigError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     #[error("cannot listen for signals")]
@@ -187,7 +189,7 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
             cpr_exec::arm_crash_rollback(&i.handover)?;
         }
     }
-    let config = cli.vm_config();
+    let config = cli.vm_config()?;
     let socket = config.api_socket.clone();
     let listener = match inheritance
         .as_ref()
@@ -248,6 +250,15 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
     })
     .await??;
 
+    {
+        let v = &vm;
+        let status = if v.update_status().is_empty() {
+            v.run_state().to_string()
+        } else {
+            format!("{}; {}", v.run_state(), v.update_status())
+        };
+        vmmd::notify::ready(&status);
+    }
     let (exit_tx, mut exit_rx) = tokio::sync::watch::channel(None::<i32>);
     let handle = api::VmHandle::new(vm, events, exit_tx);
 
@@ -312,6 +323,7 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         } => Ok(()),
     };
+    vmmd::notify::stopping();
     vcpu_task.abort();
     signal_task.abort();
     let code = exit_rx.borrow().unwrap_or(0);

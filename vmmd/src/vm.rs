@@ -543,6 +543,7 @@ impl Vm {
         }
         self.run_state = new;
         info!(%old, %new, reason, "runstate");
+        crate::notify::status(&format!("{new} ({reason})"));
         self.events.send(VmEvent::RunState {
             old,
             new,
@@ -881,6 +882,7 @@ impl Vm {
             }
         })();
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
+        crate::notify::ready(&format!("running; live update failed: {err}"));
         self.update_status = format!("cpr-exec failed: {err}");
         if was_running {
             self.vcpus.control.resume();
@@ -1034,6 +1036,7 @@ impl Vm {
             return e.into();
         }
         info!(binary = %self.exec_args[0], generation = handover.generation, "cpr-exec: exec");
+        crate::notify::reloading(&format!("live update: exec {}", self.exec_args[0]));
         let err = cpr_exec::exec(&self.exec_args, None, memfd.as_raw_fd());
         preserved.restore_cloexec();
         err.into()

@@ -287,6 +287,7 @@ impl Vmm for VmmApi {
             state_format_version: cpr_common::state::STATE_FORMAT_VERSION,
             update_status: status,
             cpr_reboot_blockers: reboot_blockers,
+            command_line: std::env::args().collect(),
         }))
     }
 

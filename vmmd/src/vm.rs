@@ -858,13 +858,21 @@ impl Vm {
         path: &std::path::Path,
         saved: SavedRunState,
     ) -> Result<MigrationReport, VmError> {
-        cpr_exec::preflight(&self.exec_args)?;
-        if let Some(blocker) = self.cpr_exec_blockers().into_iter().next() {
-            return Err(VmError::Incompatible {
-                path: path.to_path_buf(),
-                detail: blocker,
-            });
+        self.update_status = "cpr-exec: preflight".into();
+        if let Err(e) = self.cpr_exec_preflight(path) {
+            self.update_status = format!("cpr-exec failed: refused before pausing the guest: {e}");
+            return Err(e);
         }
+        // While the guest still runs: unmap guest RAM from our page tables (contents stay in the
+        // memfd), so the exec does not spend the pause tearing down PTEs for every touched page.
+        let unmap = Instant::now();
+        if let Err(e) = self.ram.drop_host_mappings() {
+            warn!(error = %e, "cannot drop guest RAM mappings before the exec; the pause may be longer");
+        }
+        tracing::debug!(
+            took_us = unmap.elapsed().as_micros() as u64,
+            "guest RAM host mappings dropped"
+        );
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
         let was_running = saved == SavedRunState::Running;
@@ -944,6 +952,29 @@ impl Vm {
         }
         let report = self.finish_report(report, clock, &result);
         result.map(|()| report)
+    }
+
+    /// Everything that can be checked before the guest is paused: the new binary and its arguments,
+    /// blockers, and that the state file can be created.
+    fn cpr_exec_preflight(&self, path: &std::path::Path) -> Result<(), VmError> {
+        cpr_exec::preflight(&self.exec_args)?;
+        if let Some(blocker) = self.cpr_exec_blockers().into_iter().next() {
+            return Err(VmError::Blocked {
+                mode: MigrationMode::CprExec,
+                blocker,
+            });
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| StateFileError::Io {
+                path: path.to_path_buf(),
+                op: "create",
+                source,
+            })?;
+        Ok(())
     }
 
     fn exec_paused(

@@ -388,6 +388,9 @@ impl Vm {
         vcpu_events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
         inherited: Option<Inherited>,
     ) -> Result<Vm, VmError> {
+        let t0 = Instant::now();
+        let lap =
+            |what: &str| tracing::debug!(at_us = t0.elapsed().as_micros() as u64, what, "create");
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let kvm_err = |op| move |source| VmError::Kvm { op, source };
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -413,6 +416,7 @@ impl Vm {
                 None,
             ),
         };
+        lap("ram mapped");
         // Memory slots before the irqchip: registering them after it costs milliseconds each.
         for (slot, (gpa, host, len)) in ram.host_slices().into_iter().enumerate() {
             let region = kvm_userspace_memory_region {
@@ -432,6 +436,7 @@ impl Vm {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        lap("irqchip+pit");
 
         let serial_irq =
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|e| VmError::Kvm {
@@ -455,12 +460,21 @@ impl Vm {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let cpuid = vcpu::cpuid_for(&kvm, id, config.vcpus)?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            pvh::setup_lint(&fd)?;
+            // An incoming VM gets CPUID and LAPIC from the saved state: skip setting them twice.
+            if config.incoming.is_none() {
+                let cpuid = vcpu::cpuid_for(&kvm, id, config.vcpus)?;
+                fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+                pvh::setup_lint(&fd)?;
+            }
             fds.push(fd);
         }
-        let msr_indices = vcpu::saveable_msrs(&kvm, &fds[0])?;
+        lap("vcpus");
+        // Which MSRs KVM can read depends on CPUID: an incoming VM probes after loading its state.
+        let msr_indices = match config.incoming {
+            None => vcpu::saveable_msrs(&kvm, &fds[0])?,
+            Some(_) => Vec::new(),
+        };
+        lap("msrs");
         let vcpus = VcpuSet::start(fds, devices.clone(), vcpu_events)?;
         info!(
             vcpus = config.vcpus,
@@ -1230,6 +1244,7 @@ impl Vm {
         for (fd, s) in self.vcpus.fds.iter().zip(&state.vcpus) {
             vcpu::restore_state(&lock(fd), s)?;
         }
+        self.msr_indices = vcpu::saveable_msrs(&self._kvm, &lock(&self.vcpus.fds[0]))?;
         self.devices.serial().restore(&state.serial)?;
         *self.devices.pm() = PmDevice::from_state(state.pm);
         clock.lap("restore");

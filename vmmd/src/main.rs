@@ -228,7 +228,7 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
         _ => None,
     };
     if let Some(i) = inheritance {
-        vm.hold_for_rollback(i.fds.into_iter().map(|(_, fd)| fd).collect());
+        vm.hold_for_rollback(i.fds);
     }
     let vm = tokio::task::spawn_blocking(move || -> Result<Vm, MainError> {
         let result = match incoming {

@@ -375,8 +375,9 @@ pub struct Vm {
 /// What stays of the hand-over while the new process loads the state.
 struct InheritedContext {
     handover: CprHandover,
-    /// The inherited fds under the numbers the hand-over names, kept for a rollback.
-    held: Vec<OwnedFd>,
+    /// The inherited fds (by hand-over name) under the numbers the hand-over names, kept for a
+    /// rollback.
+    held: Vec<(String, OwnedFd)>,
     started_ns: u64,
 }
 
@@ -730,7 +731,7 @@ impl Vm {
 
     /// Keeps the inherited fds (under the numbers the hand-over names) until the guest runs again, so
     /// a rollback can pass them on.
-    pub fn hold_for_rollback(&mut self, fds: Vec<OwnedFd>) {
+    pub fn hold_for_rollback(&mut self, fds: Vec<(String, OwnedFd)>) {
         if let Some(ctx) = &mut self.inherited {
             ctx.held = fds;
         }
@@ -1312,11 +1313,17 @@ impl Vm {
             "cpr-exec: guest resumed"
         );
         // Closing the previous VM's fds destroys it (~15 ms of kernel time): off the guest's path.
+        // Everything else held for a rollback is closed now.
+        let (old_vm, rest): (Vec<_>, Vec<_>) = ctx
+            .held
+            .into_iter()
+            .partition(|(name, _)| name.starts_with(fd_names::RETIRED_KVM_PREFIX));
+        drop(rest);
         let retire = std::thread::Builder::new()
             .name("vmmd-retire-vm".into())
             .spawn(move || {
                 let t = Instant::now();
-                drop(ctx.held);
+                drop(old_vm);
                 tracing::debug!(
                     took_us = t.elapsed().as_micros() as u64,
                     "previous VM retired"

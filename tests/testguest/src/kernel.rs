@@ -344,6 +344,7 @@ kernel_setup:
 
 /* Per-CPU setup for the CPU whose index is in edi (preserved); clobbers rax, rcx, rdx. Caches on,
  * SSE on (CR0.EM = 0, CR0.MP = 1, CR4.OSFXSR | OSXMMEXCPT), RDTSC allowed at CPL 3 (CR4.TSD = 0),
+ * no SMEP/SMAP (the kernel runs from, and reads, user-accessible pages),
  * and if CPUID reports XSAVE and AVX: CR4.OSXSAVE and XCR0 = x87 | SSE | AVX. Then the IDT and
  * this CPU's TSS. */
 cpu_setup:
@@ -352,7 +353,7 @@ cpu_setup:
     orq $0x22, %rax                 /* set MP, NE */
     movq %rax, %cr0
     movq %cr4, %rax
-    andq $~0x4, %rax                /* clear TSD */
+    andq $~0x300004, %rax           /* clear TSD, SMEP, SMAP: kernel and user share all pages */
     orq $0x600, %rax                /* OSFXSR | OSXMMEXCPT */
     movq %rax, %cr4
     pushq %rbx

@@ -87,6 +87,14 @@ pub enum Command {
     /// Steps: preflight, set-mode, exec, wait-new-process, [migrate-incoming,] verify. Progress goes
     /// to stderr (JSON lines with --json); the report to stdout.
     Update(crate::update::UpdateArgs),
+    /// Save the guest for a host reboot (cpr-reboot): preflight, [suspend,] set-mode, save, marker, quit.
+    ///
+    /// Guest RAM must be in a file that survives the reboot. Rolls back (guest runs on) on any
+    /// failure before quit. `--all` acts on every vmmd in --socket-dir. Progress on stderr.
+    RebootPrep(crate::reboot::PrepArgs),
+    /// After the host reboot: load the saved state into a vmmd started with `--incoming defer`,
+    /// wake the guest if it was suspended, verify it runs, retire the marker.
+    RebootResume(crate::reboot::ResumeArgs),
     /// Boot the test guest, live-update it three times while timing the guest's heartbeats, report.
     Demo(crate::demo::DemoArgs),
     /// Attach this terminal to a console socket (Ctrl-] detaches; stdout is the raw console).
@@ -141,6 +149,17 @@ pub enum CommandError {
         /// The failure and its report.
         failure: crate::update::UpdateFailure,
     },
+    /// A reboot workflow did not complete (its report is already printed).
+    #[error("{summary}")]
+    Reboot {
+        /// What failed.
+        summary: String,
+        /// The exit status.
+        code: u8,
+    },
+    /// A reboot workflow could not start.
+    #[error(transparent)]
+    RebootSetup(#[from] crate::reboot::RebootError),
     /// vmmd reported the migration as failed.
     #[error("migration to {uri} failed: {error}")]
     MigrationFailed {
@@ -192,13 +211,14 @@ impl CommandError {
                 _ if f.guest_as_before() => EXIT_FAILED,
                 _ => EXIT_GUEST_NOT_RESTORED,
             },
+            Self::Reboot { code, .. } => *code,
             _ => EXIT_FAILED,
         }
     }
 
     /// Whether the command already printed its result (`update` prints its report on failure too).
     pub fn already_reported(&self) -> bool {
-        matches!(self, Self::Update { .. })
+        matches!(self, Self::Update { .. } | Self::Reboot { .. })
     }
 
     /// The `--json` form of this error.
@@ -235,7 +255,38 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         let report = crate::demo::run(args, json).await?;
         return emit(&report, json);
     }
+    let progress = if json {
+        crate::reboot::Progress::Json
+    } else {
+        crate::reboot::Progress::Text
+    };
+    match &cli.command {
+        Command::RebootPrep(args) if args.fleet.all => {
+            let report = crate::reboot::prep_all(args, progress).await?;
+            return emit_fleet(&report, json);
+        }
+        Command::RebootResume(args) if args.fleet.all => {
+            let report = crate::reboot::resume_all(args, progress).await?;
+            return emit_fleet(&report, json);
+        }
+        _ => {}
+    }
     let socket = cli.socket.ok_or(CommandError::NoSocket)?;
+    match &cli.command {
+        Command::RebootPrep(args) => {
+            let target =
+                crate::reboot::Target::new(&socket, args.state.as_deref(), &args.fleet.state_dir);
+            let report = crate::reboot::prep(target, args, progress).await;
+            return emit_vm(&report, json);
+        }
+        Command::RebootResume(args) => {
+            let target =
+                crate::reboot::Target::new(&socket, args.state.as_deref(), &args.fleet.state_dir);
+            let report = crate::reboot::resume(target, args, progress).await;
+            return emit_vm(&report, json);
+        }
+        _ => {}
+    }
     if let Command::Update(args) = &cli.command {
         let mut progress = crate::update::StderrProgress {
             json,
@@ -352,8 +403,71 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
                 }
             }
         }
-        Command::Console { .. } | Command::Demo(_) | Command::Update(_) => Ok(()),
+        Command::Console { .. }
+        | Command::Demo(_)
+        | Command::Update(_)
+        | Command::RebootPrep(_)
+        | Command::RebootResume(_) => Ok(()),
     }
+}
+
+/// Exit status of a failed reboot workflow: unreachable, guest as before, or look at it.
+fn reboot_exit_code(r: &crate::reboot::VmReport) -> u8 {
+    if r.pid.is_none() && r.outcome == "refused" && r.workflow == "reboot-prep" {
+        EXIT_UNREACHABLE
+    } else if r.guest_as_before() {
+        EXIT_FAILED
+    } else {
+        EXIT_GUEST_NOT_RESTORED
+    }
+}
+
+fn emit_vm(report: &crate::reboot::VmReport, json: bool) -> Result<(), CommandError> {
+    emit(report, json)?;
+    if report.ok {
+        return Ok(());
+    }
+    Err(CommandError::Reboot {
+        summary: format!(
+            "{} {} {}: {}",
+            report.workflow,
+            report.name,
+            report.outcome,
+            report.error.as_deref().unwrap_or("")
+        ),
+        code: reboot_exit_code(report),
+    })
+}
+
+fn emit_fleet(report: &crate::reboot::FleetReport, json: bool) -> Result<(), CommandError> {
+    emit(report, json)?;
+    if report.ok {
+        return Ok(());
+    }
+    let failed: Vec<&crate::reboot::VmReport> = report
+        .reports
+        .iter()
+        .filter(|r| !r.ok && r.outcome != "skipped")
+        .collect();
+    let code = failed
+        .iter()
+        .map(|r| reboot_exit_code(r))
+        .max()
+        .unwrap_or(EXIT_FAILED);
+    Err(CommandError::Reboot {
+        summary: format!(
+            "{} --all: {} of {} VMs failed: {}",
+            report.workflow,
+            failed.len(),
+            report.vms,
+            failed
+                .iter()
+                .map(|r| format!("{} ({})", r.name, r.error.as_deref().unwrap_or(r.outcome)))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+        code,
+    })
 }
 
 fn run_state_view(raw: i32) -> RunStateView {

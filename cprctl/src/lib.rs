@@ -8,4 +8,5 @@ pub mod commands;
 pub mod console;
 pub mod demo;
 pub mod output;
+pub mod reboot;
 pub mod update;

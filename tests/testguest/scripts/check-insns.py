@@ -24,7 +24,7 @@ ALLOWED = {
     "mov", "movzx", "movabs", "lea", "push", "pop", "xchg", "add", "sub", "and", "or", "xor", "neg",
     "inc", "dec", "cmp", "test", "bt", "shl", "shr", "rol", "xadd",
     "jmp", "call", "ret", "jb", "jae", "je", "jne", "jbe", "ja", "loop",
-    "cli", "cld", "hlt", "in", "out", "stos", "cpuid", "rdmsr", "wrmsr", "xsetbv",
+    "cli", "sti", "cld", "hlt", "in", "out", "stos", "cpuid", "rdmsr", "wrmsr", "xsetbv",
     "lgdt", "lgdtd", "lidt", "ltr", "iretq", "nop", "int3",
 }
 PREFIXES = ("rep", "repz", "repe", "lock", "data16", "data32", "addr32", "cs", "ds", "es")

@@ -51,11 +51,12 @@ pub fn pause() {
     core::hint::spin_loop();
 }
 
-/// Stops this CPU for good. `hlt` at CPL 3 raises #GP, which the kernel takes as "halt this CPU"
-/// (`cli; hlt` at CPL 0): nothing wakes it (except INIT/NMI).
+/// Stops this CPU for good. `hlt` at CPL 3 raises #GP, which the kernel takes as "wait for an
+/// interrupt" (`sti; hlt; cli` at CPL 0); a CPU that has not armed its local APIC timer gets none
+/// (and should one come, it halts again).
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: traps into the kernel, which never returns here.
+        // SAFETY: traps into the kernel, which returns after the next interrupt, if any.
         unsafe { asm!("hlt", options(nomem, nostack)) };
     }
 }

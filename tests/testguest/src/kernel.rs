@@ -19,7 +19,9 @@
 //! * Port I/O: each CPU's TSS has an I/O permission bitmap that allows every port, so `in`/`out`
 //!   work at CPL 3 with IOPL = 0 (on PVM, KVM performs them without entering the guest kernel).
 //! * `hlt` at CPL 3 raises #GP; the kernel treats a #GP on a `hlt` instruction from CPL 3 as
-//!   "stop this CPU" and halts it for good (`cli; hlt`).
+//!   "wait for an interrupt": `sti; hlt; cli`, then it returns past the `hlt`. The only interrupt
+//!   is the local APIC timer (vector 32: its handler just signals end of interrupt), which an AP
+//!   arms before its `hlt` to sleep; without one armed the CPU stays halted for good.
 //! * Any other exception prints `PANIC exception vec=0x.. err=0x... rip=0x... cs=0x... rsp=0x...
 //!   cr2=0x... cpu=0x..` on COM1 (from the interrupted context; `cpu` from the kernel stack in use)
 //!   and halts the CPU.
@@ -91,7 +93,7 @@ gdtr:
 .word gdt_end - gdt - 1
 .quad gdt
 idtr:
-.word 32 * 16 - 1               /* the 32 exception vectors */
+.word 33 * 16 - 1               /* the 32 exception vectors and the local APIC timer */
 .quad idt
 
 /* Next CPU index handed to an AP (the BSP is 0). Lives in .data: nothing zeroes it. */
@@ -146,7 +148,7 @@ pd:
  * ------------------------------------------------------------------------------------------- */
 .pushsection .data.kernel, "aw"
 .balign 4096
-idt:    .skip 32 * 16
+idt:    .skip 33 * 16
 tss:    .skip {tss_stride} * {max_cpus}
 io_bitmap:
         .skip 8192               /* one bit per port, all 0: every port allowed */
@@ -325,9 +327,9 @@ kernel_setup:
     decl %ecx
     jnz 1b
 
-    leaq exception_stubs(%rip), %rax   /* stub i is at exception_stubs + 16 * i */
+    leaq exception_stubs(%rip), %rax   /* vector i's handler is at exception_stubs + 16 * i */
     leaq idt(%rip), %rdi
-    movl $32, %ecx
+    movl $33, %ecx
 2:  movw %ax, (%rdi)                /* offset 15:0 */
     movw $0x18, 2(%rdi)             /* kernel code selector */
     movw $0x8e00, 4(%rdi)           /* present, DPL 0, 64-bit interrupt gate */
@@ -408,6 +410,17 @@ exception_stubs:
     .set vec, vec + 1
 .endr
 
+/* Vector 32, right after the stubs (each under 16 bytes, so this is exception_stubs + 32 * 16;
+ * kernel_setup fills 33 gates): the local APIC timer, which only wakes a CPU from
+ * wait_for_interrupt. */
+.balign 16
+timer_interrupt:
+    pushq %rax
+    movl $0xfee000b0, %eax          /* local APIC end-of-interrupt register */
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
 /* Stack: vector, error code, rip, cs, rflags, rsp, ss. */
 exception:
     cmpq $13, (%rsp)
@@ -415,8 +428,8 @@ exception:
     testb $3, 24(%rsp)
     jz 1f
     movq 16(%rsp), %rax
-    cmpb $0xf4, (%rax)              /* #GP on a `hlt` at CPL 3: stop this CPU, as asked */
-    je halt
+    cmpb $0xf4, (%rax)              /* #GP on a `hlt` at CPL 3: do what it asks */
+    je wait_for_interrupt
 1:  movl $2, %edi
     leaq panic_msg(%rip), %rsi
     movq (%rsp), %rax
@@ -452,6 +465,18 @@ halt:
     cli
     hlt
     jmp halt
+
+/* A `hlt` at CPL 3 raised the #GP whose frame is on the stack: halt until an interrupt, with
+ * interrupts enabled only here (`sti; hlt` takes an interrupt already pending only once halted),
+ * then return past the `hlt`. The only interrupt is the local APIC timer, which CPL 3 arms before
+ * its `hlt` to sleep; without one armed the CPU stays halted. */
+wait_for_interrupt:
+    sti
+    hlt
+    cli
+    incq 16(%rsp)                   /* return past the 1-byte hlt */
+    addq $16, %rsp                  /* drop the vector and error code */
+    iretq
 
 /* Prints the string at rsi, then the low edi (1..16) hex digits of rax. Clobbers rax, rcx, rdx,
  * rsi, r8, r9, r10. */

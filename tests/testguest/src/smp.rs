@@ -1,5 +1,7 @@
 //! Application processors: started with INIT/SIPI/SIPI as an OS starts them, then they loop
-//! forever mutating their arena and checking their FPU state, never printing.
+//! forever mutating their arena and checking their FPU state, never printing. Each iteration ends
+//! with a sleep of [`AP_SLEEP_US`] on the local APIC timer, so that an AP leaves the host CPU to
+//! others (on a 2-core host, to the BSP's vCPU and the VMM) most of the time instead of spinning.
 //!
 //! The BSP (at CPL 3) copies the real-mode trampoline (`kernel.rs`) to [`TRAMPOLINE_ADDR`],
 //! broadcasts INIT, SIPI, SIPI through the xAPIC ICR with the "all excluding self" shorthand
@@ -12,6 +14,7 @@ use crate::cpu::{pause, rdtsc};
 use crate::fpu::{self, Fpu};
 use crate::kernel::{ap_trampoline, ap_trampoline_end, TRAMPOLINE_ADDR, TRAMPOLINE_VECTOR};
 use crate::{arena, time, MAX_CPUS};
+use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 
@@ -24,6 +27,17 @@ const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 const ICR_INIT: u32 = 0b101 << 8;
 const ICR_STARTUP: u32 = 0b110 << 8;
+const LAPIC_LVT_TIMER: usize = 0x320;
+const LAPIC_TIMER_INITIAL: usize = 0x380;
+const LAPIC_TIMER_CURRENT: usize = 0x390;
+const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
+const TIMER_DIVIDE_BY_1: u32 = 0xb;
+const LVT_MASKED: u32 = 1 << 16;
+/// The IDT vector of the local APIC timer (see `kernel.rs`).
+const TIMER_VECTOR: u32 = 32;
+
+/// How long an AP sleeps after each iteration (its hold window is 200 us).
+pub const AP_SLEEP_US: u64 = 800;
 
 /// Seed shared with the APs (set by the BSP before it starts them).
 pub static SEED: AtomicU64 = AtomicU64::new(0);
@@ -32,6 +46,9 @@ pub static ITERS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS
 /// CPUs that have checked in (set by each AP once its arena is ready; the BSP is always online).
 pub static ONLINE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
+/// Local APIC timer ticks per millisecond (divide by 1), measured by the BSP; 0 if the timer does
+/// not count, and then APs do not sleep.
+static TIMER_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
 
 fn lapic_read(reg: usize) -> u32 {
     // SAFETY: the local APIC page is identity mapped (uncacheable).
@@ -69,8 +86,9 @@ pub fn start_aps(expected: Option<usize>) -> usize {
         let len = core::ptr::addr_of!(ap_trampoline_end) as usize - start as usize;
         core::ptr::copy_nonoverlapping(start, TRAMPOLINE_ADDR as *mut u8, len);
     }
-    // Software-enable the local APIC (spurious vector 0xff), as an OS does. IF stays clear.
+    // Software-enable the local APIC (spurious vector 0xff), as an OS does.
     lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x1ff);
+    calibrate_timer();
 
     broadcast_ipi(ICR_INIT | ICR_LEVEL_ASSERT);
     time::delay_us(10_000);
@@ -88,6 +106,31 @@ pub fn start_aps(expected: Option<usize>) -> usize {
     1 + CHECKED_IN.load(Acquire).min(MAX_CPUS - 1)
 }
 
+/// Measures the local APIC timer's rate against the TSC over 1 ms, masked (no interrupt).
+fn calibrate_timer() {
+    lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
+    lapic_write(LAPIC_TIMER_INITIAL, u32::MAX);
+    time::delay_us(1000);
+    let ticks = u32::MAX - lapic_read(LAPIC_TIMER_CURRENT);
+    lapic_write(LAPIC_TIMER_INITIAL, 0); // stop it
+    TIMER_TICKS_PER_MS.store(ticks as u64, Release);
+}
+
+/// Sleeps about `us` microseconds: arms this CPU's local APIC timer (one-shot) and executes
+/// `hlt`, which the kernel turns into "wait for an interrupt" with interrupts enabled. The timer
+/// is armed right before the `hlt`, in one asm block: an interrupt must never become pending
+/// while CPL-3 code runs with IF = 0 (on PVM, KVM would then emulate instructions until IF = 1).
+fn sleep_us(us: u64) {
+    let ticks = (TIMER_TICKS_PER_MS.load(Relaxed) * us / 1000).clamp(1, u32::MAX as u64) as u32;
+    // SAFETY: the timer register is identity mapped; the kernel returns past the `hlt`.
+    unsafe {
+        asm!("mov dword ptr [{reg}], {ticks:e}", "hlt",
+             reg = in(reg) LAPIC_BASE + LAPIC_TIMER_INITIAL, ticks = in(reg) ticks,
+             options(nostack))
+    };
+}
+
 /// An AP's life after boot, at CPL 3 (entered from `kernel.rs` with its index, 1..MAX_CPUS).
 pub extern "C" fn ap_main(cpu: u32) -> ! {
     let cpu = cpu as usize;
@@ -97,11 +140,22 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
     ONLINE[cpu].store(true, Release);
     CHECKED_IN.fetch_add(1, AcqRel);
     let hold = fpu::ap_hold_ticks();
+    let sleeps = TIMER_TICKS_PER_MS.load(Acquire) != 0;
+    if sleeps {
+        // This CPU's local APIC: software-enable it (LVT entries stay masked otherwise), then
+        // set its timer up.
+        lapic_write(LAPIC_SVR, lapic_read(LAPIC_SVR) | 0x1ff);
+        lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+        lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR); // one-shot, unmasked
+    }
     let mut iter = 0u64;
     loop {
         arena::step(cpu, iter, seed);
         fpu.check_and_advance();
         fpu.hold(hold);
+        if sleeps {
+            sleep_us(AP_SLEEP_US);
+        }
         iter += 1;
         ITERS[cpu].store(iter, Release);
     }

@@ -82,6 +82,10 @@ pub struct StatusView {
     pub update_status: Option<String>,
     /// Why a cpr-exec update is not possible right now (empty: it is).
     pub cpr_exec_blockers: Vec<String>,
+    /// Why cpr-reboot is not possible right now (empty: it is).
+    pub cpr_reboot_blockers: Vec<String>,
+    /// The last workflow step an orchestrator reported; `null` when none.
+    pub workflow_step: Option<String>,
 }
 
 /// The VM configuration part of `status`.
@@ -137,6 +141,8 @@ impl From<InfoResponse> for StatusView {
             update_generation: info.update_generation,
             update_status: non_empty(info.update_status),
             cpr_exec_blockers: info.cpr_exec_blockers,
+            cpr_reboot_blockers: info.cpr_reboot_blockers,
+            workflow_step: non_empty(info.workflow_step),
         }
     }
 }
@@ -156,6 +162,15 @@ impl Render for StatusView {
         let _ = writeln!(s, "updates:    {}", self.update_generation);
         if let Some(status) = &self.update_status {
             let _ = writeln!(s, "update:     {status}");
+        }
+        if let Some(step) = &self.workflow_step {
+            let _ = writeln!(s, "workflow:   {step}");
+        }
+        if !self.cpr_reboot_blockers.is_empty() {
+            let _ = writeln!(s, "cpr-reboot: blocked");
+            for b in &self.cpr_reboot_blockers {
+                let _ = writeln!(s, "  - {b}");
+            }
         }
         if self.cpr_exec_blockers.is_empty() {
             let _ = writeln!(s, "cpr-exec:   possible");
@@ -579,6 +594,8 @@ mod tests {
                 "update_generation": 3,
                 "update_status": null,
                 "cpr_exec_blockers": ["RAM is private"],
+                "cpr_reboot_blockers": [],
+                "workflow_step": null,
             })
         );
     }

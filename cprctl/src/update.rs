@@ -646,6 +646,7 @@ impl Workflow<'_> {
         let steps = self.steps.clone();
         for step in steps {
             self.emit(step, "started", 0, None);
+            self.report_step(step, "started").await;
             let t = Instant::now();
             let result = match step {
                 Step::Preflight => self.preflight().await,
@@ -665,6 +666,7 @@ impl Workflow<'_> {
                         detail: detail.clone(),
                     });
                     self.emit(step, "done", us, detail);
+                    self.report_step(step, "done").await;
                 }
                 Err(e) => {
                     self.records.push(StepRecord {
@@ -687,6 +689,19 @@ impl Workflow<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Tells vmmd which step the workflow is in (best effort: vmmd may be mid-exec).
+    async fn report_step(&self, step: Step, state: &str) {
+        let request = vmmd_proto::v1::WorkflowStep {
+            orchestrator: format!("cprctl update (pid {})", std::process::id()),
+            step: format!("{}: {state}", step.name()),
+        };
+        let call = async {
+            let mut vmm = client::connect(&self.socket).await.ok()?;
+            vmm.set_workflow_step(request).await.ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
     }
 
     async fn connect(&self) -> Result<Client, UpdateError> {

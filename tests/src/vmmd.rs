@@ -32,6 +32,8 @@ pub struct VmmdOptions {
     pub incoming: Option<String>,
     /// The console socket; defaults to `console.sock` in the directory.
     pub console: Option<PathBuf>,
+    /// `--api-socket`; defaults to `api-<n>.sock` in the directory.
+    pub api_socket: Option<PathBuf>,
     /// Where sockets and logs go; a fresh [`TestDir`] when unset.
     pub dir: Option<Arc<TestDir>>,
     /// More arguments, appended as is.
@@ -46,6 +48,7 @@ impl Default for VmmdOptions {
             memory_path: None,
             incoming: None,
             console: None,
+            api_socket: None,
             dir: None,
             extra_args: Vec::new(),
         }
@@ -83,6 +86,12 @@ impl VmmdOptions {
     /// Serve the console on `path`.
     pub fn console(mut self, path: PathBuf) -> Self {
         self.console = Some(path);
+        self
+    }
+
+    /// Serve the API on `path`.
+    pub fn api_socket(mut self, path: PathBuf) -> Self {
+        self.api_socket = Some(path);
         self
     }
 }
@@ -135,7 +144,10 @@ impl VmmdProcess {
     fn start(opts: VmmdOptions, early_console: bool) -> (Self, Option<Console>) {
         let dir = opts.dir.clone().unwrap_or_else(|| TestDir::new("vmmd"));
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let api_socket = dir.join(&format!("api-{n}.sock"));
+        let api_socket = opts
+            .api_socket
+            .clone()
+            .unwrap_or_else(|| dir.join(&format!("api-{n}.sock")));
         let console_socket = opts
             .console
             .clone()

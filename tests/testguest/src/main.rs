@@ -7,12 +7,14 @@
 //! protocol and the memory layout.
 //!
 //! Privilege levels: `kernel` is the only code that runs at CPL 0 (assembly: PVH entry, page
-//! tables, long mode, GDT/IDT/TSS, AP trampoline, exception handlers); it drops every CPU to CPL 3,
-//! where all the Rust code runs natively (see README.md, "Privilege levels").
+//! tables, long mode, GDT/IDT/TSS, AP trampoline, exception and timer handlers, `hlt` on behalf of
+//! CPL 3); it drops every CPU to CPL 3, where all the Rust code runs natively (see README.md,
+//! "Privilege levels").
 //!
-//! Modules: `kernel` (the above, plus mem* for the compiler), `cpu` (port I/O, TSC), `uart` (COM1), `time` (TSC calibration), `pvh` (start info), `pm` (ACPI, S3/S5),
-//! `memory` (static pattern), `arena` (mutation arenas), `fpu` (register checks), `smp` (APs),
-//! `report` (failure log), `commands` (BSP main loop and commands).
+//! Modules: `kernel` (the above, plus mem* for the compiler), `cpu` (port I/O, TSC), `uart`
+//! (COM1), `time` (TSC calibration), `pvh` (start info), `pm` (ACPI: S3/S5, CPU count), `memory`
+//! (static pattern), `arena` (mutation arenas), `fpu` (register checks), `smp` (APs, their
+//! sleep), `report` (failure log), `commands` (BSP main loop and commands).
 
 #![no_std]
 #![no_main]

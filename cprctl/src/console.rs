@@ -346,11 +346,11 @@ mod tests {
         let listener = std::os::unix::net::UnixListener::bind(&path).expect("bind console");
         let server = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().expect("accept");
-            s.write_all(b"vmmd: console busy: another client is attached\n")
-                .expect("write busy line");
+            // The client may already be gone on a slow machine; its assertion says what happened.
+            let _ = s.write_all(b"vmmd: console busy: another client is attached\n");
         });
-        let err = attach_with(&path, Duration::from_millis(10), false)
-            .expect_err("busy console must fail");
+        let err =
+            attach_with(&path, Duration::from_secs(5), false).expect_err("busy console must fail");
         server.join().expect("server thread");
         let _ = std::fs::remove_dir_all(&dir);
         assert!(matches!(err, ConsoleError::Busy { .. }), "{err:?}");

@@ -237,7 +237,7 @@ impl Vmm for VmmApi {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let uptime = self.handle.started.elapsed();
-        let (state, cfg, pty, blockers, generation, status, reboot_blockers) = self
+        let (state, cfg, pty, blockers, generation, status, reboot_blockers, workflow_step) = self
             .with_vm(|vm| {
                 Ok((
                     vm.run_state(),
@@ -247,6 +247,7 @@ impl Vmm for VmmApi {
                     vm.generation(),
                     vm.update_status().to_string(),
                     vm.cpr_reboot_blockers(),
+                    vm.workflow_step().to_string(),
                 ))
             })
             .await?;
@@ -288,6 +289,7 @@ impl Vmm for VmmApi {
             update_status: status,
             cpr_reboot_blockers: reboot_blockers,
             command_line: std::env::args().collect(),
+            workflow_step,
         }))
     }
 
@@ -397,6 +399,25 @@ impl Vmm for VmmApi {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         Ok(Response::new(pb_migration(&report)))
+    }
+
+    async fn set_workflow_step(
+        &self,
+        req: Request<pb::WorkflowStep>,
+    ) -> Result<Response<pb::WorkflowStep>, Status> {
+        let req = req.into_inner();
+        if req.step.len() > 4096 || req.orchestrator.len() > 256 {
+            return Err(Status::invalid_argument(
+                "workflow step too long (limit 4096 bytes)",
+            ));
+        }
+        let text = format!("{}: {}", req.orchestrator, req.step);
+        self.with_vm(move |vm| {
+            vm.set_workflow_step(text);
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(req))
     }
 
     type EventsStream = EventStream;

@@ -367,6 +367,7 @@ pub struct Vm {
     inherited: Option<InheritedContext>,
     generation: u64,
     update_status: String,
+    workflow_step: String,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
     _kvm: Kvm,
@@ -500,6 +501,7 @@ impl Vm {
             inherited,
             generation,
             update_status: String::new(),
+            workflow_step: String::new(),
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
             _kvm: kvm,
@@ -722,6 +724,17 @@ impl Vm {
     /// Live updates this guest has been through.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Records the step an orchestrator reports.
+    pub fn set_workflow_step(&mut self, step: String) {
+        info!(%step, "workflow step");
+        self.workflow_step = step;
+    }
+
+    /// The last step an orchestrator reported.
+    pub fn workflow_step(&self) -> &str {
+        &self.workflow_step
     }
 
     /// The last update step this process saw.

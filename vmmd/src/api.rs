@@ -438,7 +438,7 @@ impl Vmm for VmmApi {
 }
 
 /// Binds the API socket with mode 0600 (removing a stale socket file first).
-pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiError> {
     let bind_err = |source| ApiError::Bind {
         path: path.to_path_buf(),
         source,
@@ -451,29 +451,24 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     }
     // The umask makes the socket 0600 from the moment it exists; nothing else creates files now.
     let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
+    let listener = std::os::unix::net::UnixListener::bind(path);
     nix::sys::stat::umask(old);
     let listener = listener.map_err(bind_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
     Ok(listener)
 }
 
-/// The API listener inherited across cpr-exec.
-pub fn listener_from_fd(fd: std::os::fd::OwnedFd) -> Result<UnixListener, ApiError> {
-    let std_listener = std::os::unix::net::UnixListener::from(fd);
-    let err = |source| ApiError::Bind {
-        path: std_listener
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-            .unwrap_or_default(),
-        source,
-    };
-    std_listener.set_nonblocking(true).map_err(err)?;
-    UnixListener::from_std(std_listener).map_err(|e| ApiError::Bind {
-        path: Default::default(),
-        source: e,
-    })
+/// Hands a listening socket (bound here or inherited across cpr-exec) to tokio.
+pub fn to_tokio(listener: std::os::unix::net::UnixListener) -> Result<UnixListener, ApiError> {
+    let path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_default();
+    listener
+        .set_nonblocking(true)
+        .and_then(|()| UnixListener::from_std(listener))
+        .map_err(|source| ApiError::Bind { path, source })
 }
 
 /// Serves the API until `shutdown` resolves.

@@ -63,13 +63,16 @@ fn main() -> ExitCode {
         return check_state_version(v);
     }
     init_logging(&cli);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .thread_name("vmmd-api")
-        .build()
-        .map_err(MainError::Runtime);
-    let result = runtime.and_then(|rt| rt.block_on(run(cli, started_ns)));
+    // The guest first (a cpr-exec successor resumes it here), the async runtime and API after.
+    let result = prepare(&cli, started_ns).and_then(|prepared| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("vmmd-api")
+            .build()
+            .map_err(MainError::Runtime)?;
+        runtime.block_on(serve(prepared))
+    });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -171,11 +174,18 @@ impl Inheritance {
     }
 }
 
-async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
-    tracing::debug!(
-        startup_us = (monotonic_ns() - started_ns) / 1000,
-        "runtime up"
-    );
+/// Everything up to a running (or incoming) guest, built before the async runtime exists: a vmmd
+/// started by cpr-exec resumes the guest first, and sets up tokio and gRPC after.
+struct Prepared {
+    vm: Vm,
+    events: EventBus,
+    vcpu_rx: tokio::sync::mpsc::UnboundedReceiver<vcpu::VcpuEvent>,
+    listener: std::os::unix::net::UnixListener,
+    socket: std::path::PathBuf,
+    defer_deadline: Option<Duration>,
+}
+
+fn prepare(cli: &Cli, started_ns: u64) -> Result<Prepared, MainError> {
     let inheritance = Inheritance::from_env(started_ns)?;
     vcpu::install_kick_handler()?;
     if let Some(i) = &inheritance {
@@ -195,29 +205,23 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
         .as_ref()
         .and_then(|i| i.dup(fd_names::API_LISTENER))
     {
-        Some(fd) => api::listener_from_fd(fd)?,
+        Some(fd) => std::os::unix::net::UnixListener::from(fd),
         None => api::bind(&socket)?,
     };
-    let listener_fd = listener.as_raw_fd();
     let events = EventBus::new();
-    let (vcpu_tx, mut vcpu_rx) = tokio::sync::mpsc::unbounded_channel();
-    let vm_events = events.clone();
+    let (vcpu_tx, vcpu_rx) = tokio::sync::mpsc::unbounded_channel();
     let vm_part = match &inheritance {
         Some(i) => Some(i.vm_part(&config.serial)?),
         None => None,
     };
     let incoming = config.incoming.clone();
-    let created = tokio::task::spawn_blocking(move || -> Result<Vm, VmError> {
-        let mut vm = Vm::create(config, vm_events, vcpu_tx, vm_part)?;
-        vm.set_api_listener_fd(listener_fd);
-        Ok(vm)
-    })
-    .await?;
+    let created = Vm::create(config, events.clone(), vcpu_tx, vm_part);
     let mut vm = match (created, &inheritance) {
         (Ok(vm), _) => vm,
         (Err(e), Some(i)) => return Err(roll_back_or_fail(i, &e)),
         (Err(e), None) => return Err(e.into()),
     };
+    vm.set_api_listener_fd(listener.as_raw_fd());
     if cli.only_cpr_capable {
         if let Some(blocker) = vm.cpr_exec_blockers().into_iter().next() {
             return Err(MainError::NotCprCapable(blocker));
@@ -230,26 +234,46 @@ async fn run(cli: Cli, started_ns: u64) -> Result<u8, MainError> {
     if let Some(i) = inheritance {
         vm.hold_for_rollback(i.fds);
     }
-    let vm = tokio::task::spawn_blocking(move || -> Result<Vm, MainError> {
-        let result = match incoming {
-            None => vm.boot(),
-            Some(Incoming::Defer) => {
-                info!("waiting for migrate-incoming");
-                Ok(())
-            }
-            Some(Incoming::Uri(uri)) => vm.migrate_incoming(&uri.to_string()).map(|_| ()),
-        };
-        match result {
-            Ok(()) => Ok(vm),
-            Err(e) if vm.awaiting_handover_load() => {
-                let reason = api::error_chain(&e);
-                Err(vm.roll_back(&reason).into())
-            }
-            Err(e) => Err(e.into()),
+    let result = match incoming {
+        None => vm.boot(),
+        Some(Incoming::Defer) => {
+            info!("waiting for migrate-incoming");
+            Ok(())
         }
+        Some(Incoming::Uri(uri)) => vm.migrate_incoming(&uri.to_string()).map(|_| ()),
+    };
+    match result {
+        Ok(()) => {}
+        Err(e) if vm.awaiting_handover_load() => {
+            let reason = api::error_chain(&e);
+            return Err(vm.roll_back(&reason).into());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    tracing::debug!(
+        at_us = (monotonic_ns() - started_ns) / 1000,
+        "VM ready; starting the API"
+    );
+    Ok(Prepared {
+        vm,
+        events,
+        vcpu_rx,
+        listener,
+        socket,
+        defer_deadline,
     })
-    .await??;
+}
 
+async fn serve(prepared: Prepared) -> Result<u8, MainError> {
+    let Prepared {
+        vm,
+        events,
+        mut vcpu_rx,
+        listener,
+        socket,
+        defer_deadline,
+    } = prepared;
+    let listener = api::to_tokio(listener)?;
     {
         let v = &vm;
         let status = if v.update_status().is_empty() {

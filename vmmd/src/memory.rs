@@ -72,8 +72,10 @@ pub enum MemoryError {
         source: vm_memory::mmap::MmapRegionError,
     },
     /// The inherited RAM fd does not have the configured size.
-    #[error("existing guest RAM is {found} bytes but --memory says {expected}: give this vmmd the --memory size the guest was saved with (the RAM was left untouched)")]
+    #[error("existing guest RAM {what} is {found} bytes but --memory says {expected}: give this vmmd the --memory size the guest was saved with (the RAM was left untouched)")]
     InheritedSize {
+        /// The RAM file, or the inherited memfd.
+        what: String,
         /// Size of the inherited fd.
         found: u64,
         /// Configured size.
@@ -192,6 +194,7 @@ impl GuestRam {
             .len();
         if keep_existing && spec.path.is_some() && current != 0 && current != spec.size {
             return Err(MemoryError::InheritedSize {
+                what,
                 found: current,
                 expected: spec.size,
             });
@@ -278,6 +281,7 @@ impl GuestRam {
             .len();
         if size != spec.size {
             return Err(MemoryError::InheritedSize {
+                what,
                 found: size,
                 expected: spec.size,
             });

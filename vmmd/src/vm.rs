@@ -368,6 +368,8 @@ pub struct Vm {
     generation: u64,
     update_status: String,
     workflow_step: String,
+    /// The runstate a completed save started from (what `resume` from postmigrate returns to).
+    saved_from: Option<SavedRunState>,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
     _kvm: Kvm,
@@ -502,6 +504,7 @@ impl Vm {
             generation,
             update_status: String::new(),
             workflow_step: String::new(),
+            saved_from: None,
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
             _kvm: kvm,
@@ -597,6 +600,14 @@ impl Vm {
     /// Restarts the vCPUs.
     pub fn resume(&mut self) -> Result<RunState, VmError> {
         match self.run_state {
+            // After a save, resume cancels it: a guest that had suspended itself stays suspended
+            // (it needs system-wakeup, as it would have on the destination).
+            RunState::PostMigrate if self.saved_from == Some(SavedRunState::Suspended) => {
+                self.set_run_state(
+                    RunState::Suspended,
+                    "api resume after migration (guest suspended)",
+                );
+            }
             RunState::Paused | RunState::PostMigrate => {
                 self.vcpus.control.resume();
                 self.set_run_state(RunState::Running, "api resume");
@@ -866,7 +877,10 @@ impl Vm {
             r
         })();
         match &result {
-            Ok(()) => self.set_run_state(RunState::PostMigrate, "migration completed"),
+            Ok(()) => {
+                self.saved_from = Some(saved_state);
+                self.set_run_state(RunState::PostMigrate, "migration completed");
+            }
             Err(e) => {
                 warn!(error = %e, "migration failed; the guest carries on here");
                 if was_running {
@@ -970,7 +984,10 @@ impl Vm {
             Ok(())
         })();
         match &result {
-            Ok(()) => self.set_run_state(RunState::PostMigrate, "cpr-reboot state saved"),
+            Ok(()) => {
+                self.saved_from = Some(saved);
+                self.set_run_state(RunState::PostMigrate, "cpr-reboot state saved");
+            }
             Err(e) => {
                 warn!(error = %e, "cpr-reboot save failed; the guest carries on");
                 if was_running {

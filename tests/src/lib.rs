@@ -9,6 +9,7 @@ pub mod console;
 pub mod cpr;
 pub mod dir;
 pub mod guest;
+pub mod qemu;
 pub mod reboot;
 pub mod smaps;
 pub mod vmmd;

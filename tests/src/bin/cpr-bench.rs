@@ -9,7 +9,18 @@
 //! workflow (same binary). Per update: the guest-visible blackout (longest gap between heartbeat
 //! bytes on the console from the last one before the update to the first one after it, host
 //! monotonic clock), vmmd's pause and per-phase timings, and the update's total; min/median/max over
-//! the updates, and flatness = median at the largest size / median at the smallest.
+//! the updates, and flatness = median at the largest size / median at the smallest. Before the
+//! updates, the steady-state heartbeat gap distribution (p50/p99/max over `--steady-secs` without
+//! an update), the noise floor the blackout must be read against.
+//!
+//! With `qemu-system-x86_64` 10.0 or newer installed (`--qemu` names another binary, `--no-qemu`
+//! skips it), each size is then measured again in the same run with QEMU as the peer: the same
+//! test guest (`-kernel`), RAM size and vCPU count, RAM in a shared memfd, live-updated
+//! `--updates` times with QEMU's cpr-transfer into a freshly started QEMU (see `cpr_tests::qemu`
+//! for the command line and how the console survives). Per update: the blackout by the same
+//! definition, `migrate` → new QEMU `running`, new QEMU spawned → `running` (QEMU's update total:
+//! unlike cpr-exec, the new process starts before the pause), QEMU's own `downtime`; and the
+//! steady-state gap distribution under QEMU. `ratio` = vmmd's median ÷ QEMU's median.
 //!
 //! `--mode all` (default) does both. Run it from release binaries (`cargo run --release --bin
 //! cpr-bench`).
@@ -20,6 +31,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use cpr_tests::cpr::update_in_process;
+use cpr_tests::qemu::{self, ConsoleServer, QemuConfig, QemuProcess};
 use cpr_tests::smaps::process_rss_excluding_guest_ram;
 use cpr_tests::vmmd::READY_TIMEOUT;
 use cpr_tests::{
@@ -50,10 +62,10 @@ struct Args {
     /// save-restore: runs per size.
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// cpr-exec: live updates per size (at least 10 for the figures that matter).
+    /// cpr-exec: live updates per size, for vmmd and for QEMU (at least 10 for the figures that matter).
     #[arg(long, default_value_t = 10)]
     updates: usize,
-    /// Guest RAM sizes, comma separated (default: 256M,1G for save-restore, 256M,1G,4G for cpr-exec).
+    /// Guest RAM sizes, comma separated (default: 256M,1G).
     #[arg(long, value_delimiter = ',')]
     sizes: Option<Vec<String>>,
     /// vCPUs of the guest.
@@ -62,6 +74,15 @@ struct Args {
     /// Back guest RAM by a file in this directory instead of a memfd (e.g. /dev/shm).
     #[arg(long)]
     memory_dir: Option<std::path::PathBuf>,
+    /// cpr-exec: seconds of undisturbed heartbeats for the steady-state gap distribution.
+    #[arg(long, default_value_t = 2.0)]
+    steady_secs: f64,
+    /// cpr-exec: the QEMU (10.0 or newer) to measure as the peer, with cpr-transfer.
+    #[arg(long, default_value = qemu::DEFAULT_BINARY)]
+    qemu: std::path::PathBuf,
+    /// cpr-exec: do not measure QEMU.
+    #[arg(long)]
+    no_qemu: bool,
 }
 
 /// One run's raw figures, in milliseconds unless named otherwise.
@@ -325,10 +346,14 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<Value> {
     );
     let hash = console.verify().expect_ok();
     let before = console.counters();
-    // The steady state, for comparison: the longest gap in a second without an update.
+    // The steady state, for comparison: the gaps between heartbeats without an update.
     let quiet = Instant::now();
-    std::thread::sleep(Duration::from_secs(1));
-    let steady_ms = ms(console.max_heartbeat_gap(quiet, Instant::now()));
+    std::thread::sleep(Duration::from_secs_f64(args.steady_secs));
+    let steady = qemu::gap_distribution(&qemu::gaps_ms(
+        &heartbeat_times(&console),
+        quiet,
+        Instant::now(),
+    ));
 
     let binary = cpr_tests::bins::vmmd();
     let mut samples = Vec::new();
@@ -376,13 +401,164 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<Value> {
     Ok(json!({
         "size": size,
         "memory_bytes": cpr_common::size::parse_size(size)?,
-        "steady_state_max_gap_ms": steady_ms,
+        "steady_state_gaps_ms": steady,
         "blackout_ms": field_stats_of(&samples, |s| s.blackout_ms),
         "vmmd_pause_ms": field_stats_of(&samples, |s| s.vmmd_pause_ms),
         "update_total_ms": field_stats_of(&samples, |s| s.total_ms),
         "phases_ms": phases.iter().map(|(k, v)| (k.clone(), stats(v))).collect::<BTreeMap<_, _>>(),
         "samples": samples,
     }))
+}
+
+/// When each heartbeat byte arrived (the time of the read that brought it).
+fn heartbeat_times(console: &cpr_tests::Console) -> Vec<Instant> {
+    let (raw, reads) = console.raw();
+    let mut splitter = cpr_tests::console::LineSplitter::default();
+    let mut out = Vec::new();
+    for (i, &(at, offset)) in reads.iter().enumerate() {
+        let end = reads.get(i + 1).map_or(raw.len(), |r| r.1);
+        for &b in &raw[offset..end] {
+            if let Some(cpr_tests::console::Token::Heartbeat) = splitter.push(b) {
+                out.push(at);
+            }
+        }
+    }
+    out
+}
+
+/// One QEMU cpr-transfer's figures, in milliseconds.
+#[derive(Debug, Default, Serialize)]
+struct QemuSample {
+    blackout_ms: f64,
+    /// `migrate` issued on the old QEMU → the new one reports `running`.
+    migrate_to_running_ms: f64,
+    /// New QEMU spawned → it reports `running`.
+    total_ms: f64,
+    /// New QEMU spawned → old QEMU quit and reaped.
+    total_with_quit_ms: f64,
+    /// QEMU's own `downtime` and `total-time` (`query-migrate`, whole milliseconds).
+    qemu_downtime_ms: f64,
+    qemu_total_time_ms: f64,
+}
+
+/// Boots the test guest under QEMU with `size` of RAM and cpr-transfers it `args.updates` times.
+fn qemu_size(size: &str, args: &Args) -> Result<Value> {
+    let memory_bytes = cpr_common::size::parse_size(size)?;
+    let dir = TestDir::new("bench-qemu");
+    let mut console = ConsoleServer::bind(&dir.join("com1.sock"))?;
+    let config = QemuConfig {
+        binary: args.qemu.clone(),
+        kernel: cpr_tests::bins::testguest(),
+        vcpus: args.vcpus,
+        memory_bytes,
+        dir: dir.path().to_path_buf(),
+        console: console.path().to_path_buf(),
+    };
+    let boot = Instant::now();
+    let mut vm = QemuProcess::boot(&config)?;
+    let ready = console
+        .wait_for_line("READY", READY_TIMEOUT)
+        .with_context(|| format!("no READY line under QEMU; last lines {:?}", console.tail()))?;
+    let ready = Ready::parse(&ready.text).context("bad READY line")?;
+    ensure!(
+        ready.cpus == args.vcpus,
+        "guest runs on {} vCPUs under QEMU, not {}",
+        ready.cpus,
+        args.vcpus
+    );
+    ensure!(
+        console.wait_for_heartbeats(boot, 500, Duration::from_secs(60)),
+        "no heartbeats after READY under QEMU"
+    );
+    let first_heartbeat_ms = console
+        .heartbeats()
+        .first()
+        .map_or(f64::NAN, |&t| ms(t - boot));
+    let hash = console.verify()?;
+    let (c0, received0) = console.counters()?;
+    let quiet = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(args.steady_secs));
+    let steady =
+        qemu::gap_distribution(&qemu::gaps_ms(&console.heartbeats(), quiet, Instant::now()));
+
+    let mut samples = Vec::new();
+    for n in 1..=args.updates {
+        let (next, t) = vm
+            .cpr_transfer(&config)
+            .with_context(|| format!("QEMU cpr-transfer {n}"))?;
+        vm = next;
+        ensure!(
+            console.wait_for_heartbeats(t.running, 200, Duration::from_secs(60)),
+            "no heartbeats after QEMU cpr-transfer {n}"
+        );
+        let num = |k: &str| t.info[k].as_f64().unwrap_or(f64::NAN);
+        let sample = QemuSample {
+            blackout_ms: ms(qemu::blackout(&console.heartbeats(), t.migrate, t.running)),
+            migrate_to_running_ms: ms(t.running - t.migrate),
+            total_ms: ms(t.running - t.spawned),
+            total_with_quit_ms: ms(t.old_quit - t.spawned),
+            qemu_downtime_ms: num("downtime"),
+            qemu_total_time_ms: num("total-time"),
+        };
+        eprintln!(
+            "cpr-bench:   {size} QEMU cpr-transfer {n}/{}: blackout {:.2} ms, migrate→running {:.2} ms, total {:.1} ms",
+            args.updates, sample.blackout_ms, sample.migrate_to_running_ms, sample.total_ms
+        );
+        samples.push(sample);
+    }
+    ensure!(
+        console.verify()? == hash,
+        "memory hash changed across QEMU's cpr-transfers"
+    );
+    let (c1, received1) = console.counters()?;
+    ensure!(
+        console.failures().is_empty(),
+        "the guest reported failures under QEMU: {:?}",
+        console.failures()
+    );
+    vm.quit();
+    // Heartbeats the guest counted but the console never delivered (e.g. emitted while no QEMU
+    // chardev was connected): they would hide part of a blackout. Expected 0.
+    let lost = (c1.hb - c0.hb) as i64 - (received1 - received0) as i64;
+    Ok(json!({
+        "version": qemu::version(&args.qemu).map(|(a, b, c)| format!("{a}.{b}.{c}")).unwrap_or_default(),
+        "mode": "cpr-transfer",
+        "first_heartbeat_ms": first_heartbeat_ms,
+        "steady_state_gaps_ms": steady,
+        "blackout_ms": field_stats_of(&samples, |s| s.blackout_ms),
+        "migrate_to_running_ms": field_stats_of(&samples, |s| s.migrate_to_running_ms),
+        "update_total_ms": field_stats_of(&samples, |s| s.total_ms),
+        "update_total_with_quit_ms": field_stats_of(&samples, |s| s.total_with_quit_ms),
+        "qemu_downtime_ms": field_stats_of(&samples, |s| s.qemu_downtime_ms),
+        "qemu_total_time_ms": field_stats_of(&samples, |s| s.qemu_total_time_ms),
+        "heartbeats_lost": lost,
+        "console_connections": console.connections(),
+        "samples": samples,
+    }))
+}
+
+/// Whether QEMU can be the peer; the reason (and how to install it) when it cannot.
+fn qemu_usable(args: &Args) -> std::result::Result<(), String> {
+    if args.no_qemu {
+        return Err("--no-qemu".into());
+    }
+    match qemu::version(&args.qemu) {
+        Ok((major, ..)) if major >= 10 => Ok(()),
+        Ok((a, b, c)) => Err(format!(
+            "{} is QEMU {a}.{b}.{c}, without cpr-transfer. {}",
+            args.qemu.display(),
+            qemu::INSTALL_HINT
+        )),
+        Err(e) => Err(format!("{e:#}. {}", qemu::INSTALL_HINT)),
+    }
+}
+
+/// `vmmd[key].median / qemu[key].median`.
+fn ratio(vmmd: &Value, qemu: &Value, key: &str, stat: &str) -> Value {
+    match (vmmd[key][stat].as_f64(), qemu[key][stat].as_f64()) {
+        (Some(a), Some(b)) if b > 0.0 => json!(round3(a / b)),
+        _ => Value::Null,
+    }
 }
 
 fn field_stats_of<T>(samples: &[T], f: impl Fn(&T) -> f64) -> Value {
@@ -406,20 +582,60 @@ fn flatness(sizes: &[Value], key: &str) -> Value {
 
 fn cpr_exec(args: &Args) -> Result<Value> {
     ensure!(args.updates > 0, "--updates must be at least 1");
-    let default = ["256M".to_owned(), "1G".to_owned(), "4G".to_owned()];
+    let default = ["256M".to_owned(), "1G".to_owned()];
+    let peer = qemu_usable(args);
+    if let Err(why) = &peer {
+        eprintln!("cpr-bench: not measuring QEMU: {why}");
+    }
     let mut sizes = Vec::new();
+    let mut vmmd_sizes = Vec::new();
+    let mut qemu_sizes = Vec::new();
     for size in args.sizes.as_deref().unwrap_or(&default) {
-        cpr_common::size::parse_size(size)
+        let memory_bytes = cpr_common::size::parse_size(size)
             .with_context(|| format!("bad size {size:?} in --sizes"))?;
-        eprintln!("cpr-bench: cpr-exec, {size}: booting");
-        sizes.push(cpr_exec_size(size, args).with_context(|| format!("cpr-exec {size}"))?);
+        eprintln!("cpr-bench: cpr-exec, {size}: booting vmmd");
+        let vmmd = cpr_exec_size(size, args).with_context(|| format!("cpr-exec {size}"))?;
+        let qemu = match &peer {
+            Ok(()) => {
+                eprintln!("cpr-bench: QEMU cpr-transfer, {size}: booting QEMU");
+                let mut q =
+                    qemu_size(size, args).with_context(|| format!("QEMU cpr-transfer {size}"))?;
+                q["size"] = json!(size);
+                qemu_sizes.push(q.clone());
+                q
+            }
+            Err(why) => json!({ "skipped": why }),
+        };
+        let ratios = json!({
+            "blackout_median": ratio(&vmmd, &qemu, "blackout_ms", "median"),
+            "blackout_min": ratio(&vmmd, &qemu, "blackout_ms", "min"),
+            "blackout_max": ratio(&vmmd, &qemu, "blackout_ms", "max"),
+            "update_total_median": ratio(&vmmd, &qemu, "update_total_ms", "median"),
+            "steady_state_gap_max": match (vmmd["steady_state_gaps_ms"]["max"].as_f64(), qemu["steady_state_gaps_ms"]["max"].as_f64()) {
+                (Some(a), Some(b)) if b > 0.0 => json!(round3(a / b)),
+                _ => Value::Null,
+            },
+        });
+        if let Some(r) = ratios["blackout_median"].as_f64() {
+            eprintln!("cpr-bench: {size}: blackout median vmmd / QEMU = {r:.3}");
+        }
+        vmmd_sizes.push(vmmd.clone());
+        sizes.push(json!({
+            "size": size,
+            "memory_bytes": memory_bytes,
+            "vmmd": vmmd,
+            "qemu": qemu,
+            "ratio_vmmd_over_qemu": ratios,
+        }));
     }
     Ok(json!({
-        "benchmark": "cpr-exec live update (cprctl update, same binary)",
+        "benchmark": "cpr-exec live update (cprctl update, same binary) vs QEMU cpr-transfer",
         "updates": args.updates,
+        "steady_secs": args.steady_secs,
         "flatness": {
-            "blackout": flatness(&sizes, "blackout_ms"),
-            "vmmd_pause": flatness(&sizes, "vmmd_pause_ms"),
+            "blackout": flatness(&vmmd_sizes, "blackout_ms"),
+            "vmmd_pause": flatness(&vmmd_sizes, "vmmd_pause_ms"),
+            "qemu_blackout": flatness(&qemu_sizes, "blackout_ms"),
         },
         "sizes": sizes,
     }))
@@ -475,6 +691,21 @@ mod tests {
         assert_eq!(a.mode, Mode::CprExec);
         assert_eq!(a.updates, 12);
         assert!(a.sizes.is_none());
+        assert!(!a.no_qemu);
+        assert_eq!(a.qemu, std::path::Path::new(qemu::DEFAULT_BINARY));
+        let a = Args::try_parse_from([
+            "cpr-bench",
+            "--no-qemu",
+            "--qemu",
+            "/opt/q",
+            "--steady-secs",
+            "0.5",
+        ])
+        .expect("parses");
+        assert!(a.no_qemu);
+        assert_eq!(a.qemu, std::path::Path::new("/opt/q"));
+        assert_eq!(a.steady_secs, 0.5);
+        assert_eq!(qemu_usable(&a), Err("--no-qemu".to_owned()));
     }
 
     #[test]
@@ -489,5 +720,16 @@ mod tests {
             json!({"ratio": 1.25, "of": "4G / 256M"})
         );
         assert_eq!(flatness(&sizes[..1], "blackout_ms"), Value::Null);
+    }
+
+    #[test]
+    fn ratio_is_vmmd_over_qemu() {
+        let v = json!({"blackout_ms": {"median": 2.0}});
+        let q = json!({"blackout_ms": {"median": 4.0}});
+        assert_eq!(ratio(&v, &q, "blackout_ms", "median"), json!(0.5));
+        assert_eq!(
+            ratio(&v, &json!({"skipped": "x"}), "blackout_ms", "median"),
+            Value::Null
+        );
     }
 }

@@ -485,10 +485,11 @@ impl QemuProcess {
             .spawn()
             .with_context(|| format!("spawn {}", config.binary.display()))?;
         let result = (|| -> Result<(Qmp, Transfer)> {
-            // The new QEMU listens on the cpr channel before anything else.
+            // The new QEMU listens on the cpr channel before anything else. The path appears at
+            // bind(), before listen(): wait until the kernel lists it as listening.
             let cpr = config.unix("cpr", generation);
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !cpr.exists() {
+            while !is_listening(&cpr) {
                 ensure!(Instant::now() < deadline, "new QEMU never listened on cpr");
                 if let Some(status) = child.try_wait()? {
                     bail!("new QEMU exited with {status}");
@@ -580,6 +581,20 @@ impl Drop for QemuProcess {
     }
 }
 
+/// Whether a unix socket is bound at `path` and listening (`/proc/net/unix` flag `__SO_ACCEPTCON`).
+pub fn is_listening(path: &Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
 /// The gaps between consecutive heartbeats in `[from, to]`, in milliseconds, unsorted.
 pub fn gaps_ms(heartbeats: &[Instant], from: Instant, to: Instant) -> Vec<f64> {
     let start = heartbeats.partition_point(|&t| t < from);
@@ -626,6 +641,15 @@ pub fn gap_distribution(gaps_ms: &[f64]) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_sockets_are_seen() {
+        let dir = crate::TestDir::new("qemu-unit");
+        let path = dir.join("l.sock");
+        assert!(!is_listening(&path));
+        let _l = UnixListener::bind(&path).expect("bind");
+        assert!(is_listening(&path));
+    }
 
     #[test]
     fn versions_parse() {

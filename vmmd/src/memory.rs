@@ -246,13 +246,30 @@ impl GuestRam {
     /// Drops this process's page-table entries for guest RAM without touching its contents (they stay
     /// in the shared memfd or file; the next access, by the guest or us, maps them again). Done before
     /// a cpr-exec pause, so that `execve` does not tear down millions of PTEs while the guest waits.
-    pub fn drop_host_mappings(&self) -> std::io::Result<()> {
+    /// It goes in `chunk`-sized steps with a short rest between them: each step makes KVM zap the
+    /// guest's mappings of that range under its MMU lock, and one step over all of RAM would stall a
+    /// running guest for as long as the whole zap takes (~100 ms per GiB here).
+    pub fn drop_host_mappings(
+        &self,
+        chunk: usize,
+        rest: std::time::Duration,
+    ) -> std::io::Result<()> {
+        let chunk = chunk.max(1 << 21);
         for (_, host, len) in self.host_slices() {
-            // SAFETY: `host..host+len` is a shared mapping owned by `self`; MADV_DONTNEED on a shared
-            // mapping only unmaps pages (KVM's MMU notifier zaps the guest's view too), no data is lost.
-            let rc = unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
+            let mut off = 0;
+            while off < len {
+                let n = chunk.min(len - off);
+                // SAFETY: `host+off..host+off+n` lies in a shared mapping owned by `self`;
+                // MADV_DONTNEED on a shared mapping only unmaps pages (KVM's MMU notifier zaps the
+                // guest's view too), no data is lost.
+                let rc = unsafe { libc::madvise(host.add(off).cast(), n, libc::MADV_DONTNEED) };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                off += n;
+                if off < len && !rest.is_zero() {
+                    std::thread::sleep(rest);
+                }
             }
         }
         Ok(())
@@ -416,7 +433,8 @@ mod tests {
         ram.memory()
             .write_obj(0xfeed_u64, GuestAddress(0x20_0000))
             .expect("write");
-        ram.drop_host_mappings().expect("madvise");
+        ram.drop_host_mappings(4 << 20, std::time::Duration::ZERO)
+            .expect("madvise");
         let v: u64 = ram
             .memory()
             .read_obj(GuestAddress(0x20_0000))

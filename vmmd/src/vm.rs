@@ -40,6 +40,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RAM_CHUNK: usize = 8 << 20;
 const PROGRESS_EVERY: u64 = 64 << 20;
 const CONSOLE_BUFFER: usize = 1 << 20;
+/// Guest RAM unmapped per step before a cpr-exec (see `GuestRam::drop_host_mappings`).
+const UNMAP_CHUNK: usize = 16 << 20;
 
 /// How vmmd was asked to start the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -908,7 +910,10 @@ impl Vm {
         // While the guest still runs: unmap guest RAM from our page tables (contents stay in the
         // memfd), so the exec does not spend the pause tearing down PTEs for every touched page.
         let unmap = Instant::now();
-        if let Err(e) = self.ram.drop_host_mappings() {
+        if let Err(e) = self
+            .ram
+            .drop_host_mappings(UNMAP_CHUNK, Duration::from_micros(500))
+        {
             warn!(error = %e, "cannot drop guest RAM mappings before the exec; the pause may be longer");
         }
         tracing::debug!(

@@ -479,13 +479,21 @@ pub async fn serve(
 ) -> Result<(), ApiError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VmmServer<VmmApi>>().await;
+    // Both reflection versions: grpcurl and older tools still speak v1alpha.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(vmmd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(ApiError::Reflection)?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(vmmd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(ApiError::Reflection)?;
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(VmmServer::new(VmmApi { handle }))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await

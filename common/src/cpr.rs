@@ -28,6 +28,9 @@ pub mod fd_names {
     /// teardown): passing them on lets the new process close them after the guest runs again,
     /// instead of `execve` doing it while the guest is paused.
     pub const RETIRED_KVM_PREFIX: &str = "retired-kvm";
+    /// The pipe that keeps the previous process's address space alive (see vmmd's
+    /// `AddressSpaceKeeper`); retired with the old VM. Starts with [`RETIRED_KVM_PREFIX`].
+    pub const ADDRESS_SPACE_KEEPER: &str = "retired-kvm-address-space";
 }
 
 /// What the next process needs besides the state file.
@@ -57,6 +60,8 @@ pub struct CprHandover {
     pub generation: u64,
     /// Why a rollback happened, when this hand-over goes back to the previous binary.
     pub rollback_reason: Option<String>,
+    /// Pid of the child keeping the previous address space alive, to reap once it is released.
+    pub address_space_keeper: Option<i32>,
 }
 
 /// A hand-over that cannot be written or read.
@@ -224,6 +229,7 @@ mod tests {
             from_version: "0.1.0".into(),
             generation: 3,
             rollback_reason: None,
+            address_space_keeper: None,
         }
     }
 

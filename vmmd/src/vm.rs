@@ -907,19 +907,22 @@ impl Vm {
             self.update_status = format!("cpr-exec failed: refused before pausing the guest: {e}");
             return Err(e);
         }
-        // While the guest still runs: unmap guest RAM from our page tables (contents stay in the
-        // memfd), so the exec does not spend the pause tearing down PTEs for every touched page.
-        let unmap = Instant::now();
-        if let Err(e) = self
-            .ram
-            .drop_host_mappings(UNMAP_CHUNK, Duration::from_micros(500))
-        {
-            warn!(error = %e, "cannot drop guest RAM mappings before the exec; the pause may be longer");
-        }
-        tracing::debug!(
-            took_us = unmap.elapsed().as_micros() as u64,
-            "guest RAM host mappings dropped"
-        );
+        // While the guest still runs: a child sharing our address space keeps it alive across the
+        // exec, so `execve` does not tear down our mappings (guest RAM, the old VM's shadow page
+        // tables) inside the pause. Without it, unmap guest RAM from our page tables instead.
+        let keeper = match cpr_exec::AddressSpaceKeeper::spawn() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                warn!(error = %e, "cannot keep the address space across the exec; unmapping guest RAM first");
+                if let Err(e) = self
+                    .ram
+                    .drop_host_mappings(UNMAP_CHUNK, Duration::from_micros(500))
+                {
+                    warn!(error = %e, "cannot drop guest RAM mappings before the exec; the pause may be longer");
+                }
+                None
+            }
+        };
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
         let was_running = saved == SavedRunState::Running;
@@ -932,10 +935,20 @@ impl Vm {
             let paused_at = monotonic_ns();
             clock.lap("pause");
             self.update_status = "cpr-exec: saving".into();
-            match self.exec_paused(path, saved, paused_at, &mut clock, &mut report) {
+            match self.exec_paused(
+                path,
+                saved,
+                paused_at,
+                &mut clock,
+                &mut report,
+                keeper.as_ref(),
+            ) {
                 Err(e) => e,
             }
         })();
+        if let Some(k) = keeper {
+            k.release();
+        }
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
         crate::notify::ready(&format!("running; live update failed: {err}"));
         self.update_status = format!("cpr-exec failed: {err}");
@@ -1042,6 +1055,7 @@ impl Vm {
         paused_at_ns: u64,
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
+        keeper: Option<&cpr_exec::AddressSpaceKeeper>,
     ) -> Result<std::convert::Infallible, VmError> {
         let state = self.capture(saved)?;
         let meta = encode_meta(&state)?;
@@ -1053,7 +1067,7 @@ impl Vm {
             return Err(VmError::Injected("console missing"));
         };
         let console = console.quiesce();
-        let err = self.exec_with(path, paused_at_ns, clock, &console);
+        let err = self.exec_with(path, paused_at_ns, clock, &console, keeper);
         // Compensation: the console serves again with everything it had.
         self.console = Some(Console::resume(console, CONSOLE_BUFFER)?);
         Err(err)
@@ -1065,6 +1079,7 @@ impl Vm {
         paused_at_ns: u64,
         clock: &PhaseClock,
         console: &ConsoleHandover,
+        keeper: Option<&cpr_exec::AddressSpaceKeeper>,
     ) -> VmError {
         let previous = match cpr_exec::open_self() {
             Ok(fd) => fd,
@@ -1084,6 +1099,9 @@ impl Vm {
         fds.push((format!("{prefix}-vm"), self.vm_fd.as_raw_fd()));
         for (i, vcpu) in self.vcpus.fds.iter().enumerate() {
             fds.push((format!("{prefix}-vcpu{i}"), lock(vcpu).as_raw_fd()));
+        }
+        if let Some(k) = keeper {
+            fds.push((fd_names::ADDRESS_SPACE_KEEPER.to_string(), k.release_fd()));
         }
         fds.extend(
             console
@@ -1109,6 +1127,7 @@ impl Vm {
             from_version: VERSION.to_string(),
             generation: self.generation + 1,
             rollback_reason: None,
+            address_space_keeper: keeper.map(|k| k.pid()),
         };
         let handover = CprHandover {
             exec_at_ns: monotonic_ns(),
@@ -1362,11 +1381,16 @@ impl Vm {
             .into_iter()
             .partition(|(name, _)| name.starts_with(fd_names::RETIRED_KVM_PREFIX));
         drop(rest);
+        let keeper_pid = h.address_space_keeper;
         let retire = std::thread::Builder::new()
             .name("vmmd-retire-vm".into())
             .spawn(move || {
                 let t = Instant::now();
+                // The old VM's fds, then the keeper's pipe: its exit tears down the old address space.
                 drop(old_vm);
+                if let Some(pid) = keeper_pid {
+                    cpr_exec::reap(pid);
+                }
                 tracing::debug!(
                     took_us = t.elapsed().as_micros() as u64,
                     "previous VM retired"

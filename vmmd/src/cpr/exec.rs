@@ -376,6 +376,120 @@ pub fn disarm_crash_rollback() {
     }
 }
 
+/// Keeps this process's current address space alive across `execve`: a child created with
+/// `CLONE_VM` shares it, so the exec only drops a reference instead of tearing down every mapping (and
+/// KVM's shadow page tables of the old VM, through its MMU notifier) inside the guest's pause. The
+/// child closes all its fds but one pipe and exits when the pipe's write end, handed to the next
+/// process, is closed after the guest runs again; the teardown then happens in the child's exit.
+pub struct AddressSpaceKeeper {
+    pid: libc::pid_t,
+    release: OwnedFd,
+    stack: Vec<u8>,
+}
+
+const KEEPER_STACK: usize = 64 << 10;
+
+extern "C" fn keeper_main(arg: *mut libc::c_void) -> libc::c_int {
+    let fd = arg as usize as libc::c_int;
+    // Only raw syscalls here: this runs on a borrowed stack in the parent's address space, with all
+    // signals blocked.
+    // SAFETY: closing descriptors of this child's own (copied) fd table; read/_exit on a pipe.
+    unsafe {
+        if fd > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, (fd - 1) as u32, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, (fd + 1) as u32, u32::MAX, 0u32);
+        let mut b = 0u8;
+        loop {
+            let n = libc::read(fd, (&mut b as *mut u8).cast(), 1);
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                break;
+            }
+        }
+        libc::_exit(0)
+    }
+}
+
+impl AddressSpaceKeeper {
+    /// Starts the keeper.
+    pub fn spawn() -> std::io::Result<AddressSpaceKeeper> {
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills the two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned by nobody else.
+        let (read, release) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut stack = vec![0u8; KEEPER_STACK];
+        // SAFETY: the stack pointer is the 16-byte aligned top of `stack`, which outlives the child's
+        // use of it (kept in `self` until the child is reaped, or left in the old address space after
+        // an exec); all signals are blocked around clone so the child starts with none deliverable.
+        let pid = unsafe {
+            let top = stack.as_mut_ptr().add(KEEPER_STACK) as usize & !15;
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            let pid = libc::clone(
+                keeper_main,
+                top as *mut libc::c_void,
+                libc::CLONE_VM | libc::SIGCHLD,
+                read.as_raw_fd() as usize as *mut libc::c_void,
+            );
+            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+            pid
+        };
+        if pid < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        drop(read);
+        Ok(AddressSpaceKeeper {
+            pid,
+            release,
+            stack,
+        })
+    }
+
+    /// The pipe end whose closing lets the keeper go (hand it to the next process).
+    pub fn release_fd(&self) -> RawFd {
+        self.release.as_raw_fd()
+    }
+
+    /// The keeper's pid (the next process reaps it).
+    pub fn pid(&self) -> libc::pid_t {
+        self.pid
+    }
+
+    /// Lets the keeper exit and reaps it (when no exec happened).
+    pub fn release(self) {
+        let AddressSpaceKeeper {
+            pid,
+            release,
+            stack,
+        } = self;
+        drop(release);
+        reap(pid);
+        drop(stack);
+    }
+
+    /// After a successful exec: the old address space's stack copy must not be freed by us.
+    pub fn forget(self) {
+        std::mem::forget(self);
+    }
+}
+
+/// Waits for a keeper (or any child) `pid` to exit.
+pub fn reap(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waitpid on our own child; `status` is a valid out pointer.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+    }
+}
+
 /// Takes ownership of an inherited fd and makes it close-on-exec again.
 ///
 /// # Safety

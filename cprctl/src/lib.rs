@@ -10,3 +10,4 @@ pub mod demo;
 pub mod output;
 pub mod reboot;
 pub mod update;
+pub mod workflow;

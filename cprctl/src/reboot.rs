@@ -43,6 +43,10 @@ use vmmd_proto::v1::{
 
 use crate::client::{self, Client, ClientError};
 use crate::output::{format_micros, run_state_name, PhaseView, Render};
+use crate::workflow::{
+    self, eprint_json, micros, phase_views, probe, render_steps, ProbeError, StepLog, StepRecord,
+    PROBE_TIMEOUT,
+};
 
 /// Default directory of the vmmd API sockets (`vmmd@NAME` serves `/run/vmmd/NAME.sock`).
 pub const DEFAULT_SOCKET_DIR: &str = "/run/vmmd";
@@ -50,8 +54,6 @@ pub const DEFAULT_SOCKET_DIR: &str = "/run/vmmd";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/vmmd/cpr";
 /// How long one Info/connect may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long `vmmd --check-state-version` may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause between polls.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// What vmmd writes to a second console client before closing it.
@@ -541,53 +543,31 @@ impl Marker {
     }
 }
 
-/// One step as it went.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// The step's name.
-    pub step: &'static str,
-    /// `done`, `skipped`, `failed` or `compensated`.
-    pub status: &'static str,
-    /// Wall time of the step (or of its compensation).
-    pub micros: u64,
-    /// What happened.
-    pub detail: Option<String>,
-}
-
-/// A progress event.
+/// A progress event of one VM's workflow.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgressEvent {
     /// `reboot-prep` or `reboot-resume`.
     pub workflow: &'static str,
     /// The VM.
     pub vm: String,
-    /// The step.
-    pub step: &'static str,
-    /// Its number (1-based).
-    pub index: usize,
-    /// Number of steps.
-    pub of: usize,
-    /// `started`, `done`, `skipped`, `failed`, `compensating` or `compensated`.
-    pub status: &'static str,
-    /// Microseconds since the step started.
-    pub micros: u64,
-    /// Detail.
-    pub detail: Option<String>,
+    /// The step's event.
+    #[serde(flatten)]
+    pub event: workflow::ProgressEvent,
 }
 
 impl ProgressEvent {
     /// One human line.
     pub fn human(&self) -> String {
         let mut s = format!(
-            "cprctl {} {}: [{}/{}] {}",
-            self.workflow, self.vm, self.index, self.of, self.step
+            "cprctl {} {}: {}",
+            self.workflow,
+            self.vm,
+            self.event.head()
         );
-        if self.status == "started" {
+        if self.event.status == "started" {
             s.push_str(" ...");
-        } else {
-            let _ = write!(s, " {} ({})", self.status, format_micros(self.micros));
         }
-        if let Some(d) = &self.detail {
+        if let Some(d) = &self.event.detail {
             let _ = write!(s, ": {d}");
         }
         s
@@ -610,12 +590,25 @@ impl Progress {
         match self {
             Self::Quiet => {}
             Self::Text => eprintln!("{}", e.human()),
-            Self::Json => {
-                if let Ok(line) = serde_json::to_string(e) {
-                    eprintln!("{line}");
-                }
-            }
+            Self::Json => eprint_json(e),
         }
+    }
+}
+
+/// Progress of one VM's workflow: its steps' events, named after the workflow and the VM.
+struct VmProgress {
+    workflow: &'static str,
+    vm: String,
+    progress: Progress,
+}
+
+impl workflow::Progress for VmProgress {
+    fn event(&mut self, e: &workflow::ProgressEvent) {
+        self.progress.event(&ProgressEvent {
+            workflow: self.workflow,
+            vm: self.vm.clone(),
+            event: e.clone(),
+        });
     }
 }
 
@@ -742,19 +735,7 @@ impl VmReport {
         for p in &self.phases {
             let _ = writeln!(s, "  phase {:14} {}", p.name, format_micros(p.micros));
         }
-        for st in &self.steps {
-            let _ = write!(
-                s,
-                "  {:16}  {:11}  {}",
-                st.step,
-                st.status,
-                format_micros(st.micros)
-            );
-            if let Some(d) = &st.detail {
-                let _ = write!(s, "  {d}");
-            }
-            s.push('\n');
-        }
+        render_steps(s, &self.steps);
         if !self.ok && self.outcome != "skipped" {
             let guest = match (self.run_state_after, self.run_state_before) {
                 (Some(after), Some(before)) if after == before => {
@@ -822,10 +803,6 @@ impl Render for FleetReport {
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
-}
-
 fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -862,48 +839,32 @@ async fn info(socket: &Path) -> Result<InfoResponse, RebootError> {
     }
 }
 
-/// Shared step bookkeeping.
-struct Steps {
+/// The step log of one VM's workflow.
+type Steps = StepLog<VmProgress>;
+
+/// The step log of `workflow` for `target`, reporting to `progress`.
+fn steps_of(
     workflow: &'static str,
-    vm: String,
-    names: Vec<&'static str>,
-    records: Vec<StepRecord>,
+    target: &Target,
+    steps: Vec<(&'static str, &'static str)>,
     progress: Progress,
+) -> Steps {
+    StepLog::new(
+        steps,
+        VmProgress {
+            workflow,
+            vm: target.name.clone(),
+            progress,
+        },
+    )
 }
 
-impl Steps {
-    fn emit(&self, step: &'static str, status: &'static str, us: u64, detail: Option<String>) {
-        let index = self
-            .names
-            .iter()
-            .position(|s| *s == step)
-            .map_or(0, |i| i + 1);
-        self.progress.event(&ProgressEvent {
-            workflow: self.workflow,
-            vm: self.vm.clone(),
-            step,
-            index,
-            of: self.names.len(),
-            status,
-            micros: us,
-            detail,
-        });
-    }
-
-    fn record(
-        &mut self,
-        step: &'static str,
-        status: &'static str,
-        us: u64,
-        detail: Option<String>,
-    ) {
-        self.emit(step, status, us, detail.clone());
-        self.records.push(StepRecord {
-            step,
-            status,
-            micros: us,
-            detail,
-        });
+impl From<ProbeError> for RebootError {
+    fn from(e: ProbeError) -> Self {
+        RebootError::Probe {
+            command: e.command,
+            detail: e.detail,
+        }
     }
 }
 
@@ -939,13 +900,12 @@ pub async fn prep(target: Target, args: &PrepArgs, progress: Progress) -> VmRepo
     let started = Instant::now();
     let mut wf = Prep {
         report: VmReport::new("reboot-prep", &target),
-        steps: Steps {
-            workflow: "reboot-prep",
-            vm: target.name.clone(),
-            names: steps.iter().map(|s| s.name()).collect(),
-            records: Vec::new(),
+        steps: steps_of(
+            "reboot-prep",
+            &target,
+            steps.iter().map(|s| (s.name(), s.what())).collect(),
             progress,
-        },
+        ),
         target,
         args,
         before: None,
@@ -973,15 +933,9 @@ pub async fn prep(target: Target, args: &PrepArgs, progress: Progress) -> VmRepo
                 PrepStep::Quit => wf.quit().await,
             }
         };
-        let us = micros(t.elapsed());
-        match r {
-            Ok(detail) => wf.steps.record(step.name(), "done", us, detail),
-            Err(e) => {
-                wf.steps
-                    .record(step.name(), "failed", us, Some(e.to_string()));
-                result = Err((step, e));
-                break;
-            }
+        if let Err(e) = wf.steps.finish(step.name(), t, r) {
+            result = Err((step, e));
+            break;
         }
     }
     match result {
@@ -1150,14 +1104,7 @@ impl Prep<'_> {
         }
         self.stopped_at_unix = unix_micros();
         self.report.vmmd_micros = Some(m.downtime_micros);
-        self.report.phases = m
-            .phases
-            .iter()
-            .map(|p| PhaseView {
-                name: p.name.clone(),
-                micros: p.micros,
-            })
-            .collect();
+        self.report.phases = phase_views(&m.phases);
         self.report.run_state_after = Some("postmigrate");
         Ok(Some(format!(
             "{} bytes of state, vCPUs stopped {}",
@@ -1257,12 +1204,7 @@ impl Prep<'_> {
             } else {
                 errs.join("; ")
             };
-            self.steps.record(
-                PrepStep::Marker.name(),
-                "compensated",
-                micros(t.elapsed()),
-                Some(detail),
-            );
+            self.steps.compensated(PrepStep::Marker.name(), t, detail);
         }
         if self.saved {
             if let Ok(now) = info(&self.target.socket).await {
@@ -1273,12 +1215,7 @@ impl Prep<'_> {
                         Ok(s) => format!("guest restarted ({s})"),
                         Err(e) => format!("cannot restart the guest: {e}"),
                     };
-                    self.steps.record(
-                        PrepStep::Save.name(),
-                        "compensated",
-                        micros(t.elapsed()),
-                        Some(detail),
-                    );
+                    self.steps.compensated(PrepStep::Save.name(), t, detail);
                 }
             }
         }
@@ -1303,12 +1240,7 @@ impl Prep<'_> {
                     ),
                     Err(e) => format!("cannot restore the migration mode: {e}"),
                 };
-                self.steps.record(
-                    PrepStep::SetMode.name(),
-                    "compensated",
-                    micros(t.elapsed()),
-                    Some(detail),
-                );
+                self.steps.compensated(PrepStep::SetMode.name(), t, detail);
             }
         }
         if self.suspended_by_us {
@@ -1327,12 +1259,7 @@ impl Prep<'_> {
                         Ok(()) => "guest woken up".to_owned(),
                         Err(e) => format!("cannot wake the guest: {e}"),
                     };
-                    self.steps.record(
-                        PrepStep::Suspend.name(),
-                        "compensated",
-                        micros(t.elapsed()),
-                        Some(detail),
-                    );
+                    self.steps.compensated(PrepStep::Suspend.name(), t, detail);
                 }
             }
         }
@@ -1520,13 +1447,12 @@ pub async fn resume(target: Target, args: &ResumeArgs, progress: Progress) -> Vm
     let started = Instant::now();
     let mut wf = Resume {
         report: VmReport::new("reboot-resume", &target),
-        steps: Steps {
-            workflow: "reboot-resume",
-            vm: target.name.clone(),
-            names: steps.iter().map(|s| s.name()).collect(),
-            records: Vec::new(),
+        steps: steps_of(
+            "reboot-resume",
+            &target,
+            steps.iter().map(|s| (s.name(), s.what())).collect(),
             progress,
-        },
+        ),
         target,
         args,
         marker: None,
@@ -1542,18 +1468,17 @@ pub async fn resume(target: Target, args: &ResumeArgs, progress: Progress) -> Vm
             ResumeStep::Wakeup => wf.wakeup().await,
             ResumeStep::Verify => wf.verify().await,
         };
-        let us = micros(t.elapsed());
-        match r {
+        let r = match r {
             Ok(Some(detail)) if detail.starts_with("skipped: ") => {
-                wf.steps.record(step.name(), "skipped", us, Some(detail))
+                let us = micros(t.elapsed());
+                wf.steps.record(step.name(), "skipped", us, Some(detail));
+                Ok(())
             }
-            Ok(detail) => wf.steps.record(step.name(), "done", us, detail),
-            Err(e) => {
-                wf.steps
-                    .record(step.name(), "failed", us, Some(e.to_string()));
-                failed = Some((step, e));
-                break;
-            }
+            r => wf.steps.finish(step.name(), t, r),
+        };
+        if let Err(e) = r {
+            failed = Some((step, e));
+            break;
         }
     }
     match failed {
@@ -1621,13 +1546,14 @@ impl Resume<'_> {
         }
         let executable = PathBuf::from(&info.executable);
         if !info.executable.is_empty() {
-            let answer = probe(&executable, version).await?;
-            if !answer.0 {
+            let args = ["--check-state-version".to_owned(), version.to_string()];
+            let answer = probe(&executable, &args).await?;
+            if !answer.success {
                 return Err(RebootError::StateVersionRefused {
                     executable,
                     state: self.target.state.clone(),
                     version,
-                    answer: answer.1,
+                    answer: answer.text,
                 });
             }
         }
@@ -1667,14 +1593,7 @@ impl Resume<'_> {
             });
         }
         self.report.vmmd_micros = Some(m.total_micros);
-        self.report.phases = m
-            .phases
-            .iter()
-            .map(|p| PhaseView {
-                name: p.name.clone(),
-                micros: p.micros,
-            })
-            .collect();
+        self.report.phases = phase_views(&m.phases);
         let now = info(&self.target.socket).await?;
         self.report.run_state_after = Some(run_state_name(now.run_state));
         Ok(Some(format!(
@@ -1787,38 +1706,6 @@ pub fn read_state_version(path: &Path) -> Result<u32, RebootError> {
         return Err(bad("it is not a vmmd state file (bad magic)".to_owned()));
     }
     Ok(u32::from_le_bytes([head[8], head[9], head[10], head[11]]))
-}
-
-/// Asks `executable --check-state-version V`: (accepted, what it printed).
-async fn probe(executable: &Path, version: u32) -> Result<(bool, String), RebootError> {
-    let command = format!("{} --check-state-version {version}", executable.display());
-    let child = tokio::process::Command::new(executable)
-        .arg("--check-state-version")
-        .arg(version.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(PROBE_TIMEOUT, child)
-        .await
-        .map_err(|_| RebootError::Probe {
-            command: command.clone(),
-            detail: format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
-        })?
-        .map_err(|e| RebootError::Probe {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
-    let mut text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if !err.is_empty() {
-        if !text.is_empty() {
-            text.push_str("; ");
-        }
-        text.push_str(&err);
-    }
-    Ok((out.status.success(), text))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2096,16 +1983,23 @@ mod tests {
         let e = ProgressEvent {
             workflow: "reboot-prep",
             vm: "vm1".into(),
-            step: "save",
-            index: 4,
-            of: 5,
-            status: "done",
-            micros: 2500,
-            detail: None,
+            event: workflow::ProgressEvent {
+                step: "save",
+                what: PrepStep::Save.what(),
+                index: 4,
+                of: 5,
+                status: "done",
+                micros: 2500,
+                detail: None,
+            },
         };
         assert_eq!(
             e.human(),
             "cprctl reboot-prep vm1: [4/5] save done (2.500 ms)"
+        );
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"workflow":"reboot-prep","vm":"vm1","step":"save","index":4,"of":5,"status":"done","micros":2500,"detail":null}"#
         );
     }
 }

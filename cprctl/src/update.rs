@@ -17,7 +17,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -30,13 +29,13 @@ use vmmd_proto::v1::{
 
 use crate::client::{self, code_name, Client, ClientError};
 use crate::output::{format_micros, run_state_name, PhaseView, Render};
+use crate::workflow::{micros, phase_views, probe, render_steps, ProbeError, StepLog};
+pub use crate::workflow::{NoProgress, Progress, ProgressEvent, StderrProgress, StepRecord};
 
 /// How long one connection attempt or Info call may take while the new process starts.
 const POLL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between Info polls while waiting for the new process.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
-/// How long `NEW --check-state-version` and `NEW --version` may take.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// vmmd flags that do not shape the VM but should stay as they were on the new process.
 const CARRIED_FLAGS_WITH_VALUE: &[&str] = &["--log-level", "--cpr-incoming-timeout"];
 /// Switches carried over to the new process.
@@ -273,88 +272,6 @@ pub enum UpdateError {
     Verify(String),
 }
 
-/// One step as it went.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// The step.
-    pub step: Step,
-    /// `done`, `failed` or `compensated`.
-    pub status: &'static str,
-    /// Wall time of the step (or of its compensation).
-    pub micros: u64,
-    /// What happened, when there is something to say.
-    pub detail: Option<String>,
-}
-
-/// A progress event: a step started, ended, failed or was compensated.
-#[derive(Debug, Clone, Serialize)]
-pub struct ProgressEvent {
-    /// The step.
-    pub step: Step,
-    /// Its number (1-based) and the number of steps.
-    pub index: usize,
-    /// Number of steps in this workflow.
-    pub of: usize,
-    /// `started`, `done`, `failed`, `compensating` or `compensated`.
-    pub status: &'static str,
-    /// Microseconds since the step started (0 when it starts).
-    pub micros: u64,
-    /// Detail for `done`, `failed` and `compensated`.
-    pub detail: Option<String>,
-}
-
-impl ProgressEvent {
-    /// One human line.
-    pub fn human(&self) -> String {
-        let mut s = format!("[{}/{}] {}", self.index, self.of, self.step.name());
-        match self.status {
-            "started" => {
-                let _ = write!(s, ": {} ...", self.step.what());
-            }
-            status => {
-                let _ = write!(s, " {status} ({})", format_micros(self.micros));
-                if let Some(d) = &self.detail {
-                    let _ = write!(s, ": {d}");
-                }
-            }
-        }
-        s
-    }
-}
-
-/// Where progress goes.
-pub trait Progress {
-    /// Called for every step event.
-    fn event(&mut self, e: &ProgressEvent);
-}
-
-/// Discards progress.
-pub struct NoProgress;
-
-impl Progress for NoProgress {
-    fn event(&mut self, _: &ProgressEvent) {}
-}
-
-/// Prints progress on stderr: human lines, or JSON lines with `json`.
-pub struct StderrProgress {
-    /// JSON lines instead of text.
-    pub json: bool,
-    /// Prefix of human lines, e.g. `cprctl update: `.
-    pub prefix: String,
-}
-
-impl Progress for StderrProgress {
-    fn event(&mut self, e: &ProgressEvent) {
-        if self.json {
-            if let Ok(line) = serde_json::to_string(e) {
-                eprintln!("{line}");
-            }
-        } else {
-            eprintln!("{}{}", self.prefix, e.human());
-        }
-    }
-}
-
 /// What the update did and measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpdateReport {
@@ -441,19 +358,7 @@ impl Render for UpdateReport {
             }
         }
         let _ = writeln!(s, "steps:");
-        for st in &self.steps {
-            let _ = write!(
-                s,
-                "  {:16}  {:11}  {}",
-                st.step.name(),
-                st.status,
-                format_micros(st.micros)
-            );
-            if let Some(d) = &st.detail {
-                let _ = write!(s, "  {d}");
-            }
-            s.push('\n');
-        }
+        render_steps(&mut s, &self.steps);
         let _ = writeln!(
             s,
             "update total:         {}",
@@ -522,10 +427,9 @@ enum Arrival {
 struct Workflow<'a> {
     socket: PathBuf,
     args: &'a UpdateArgs,
-    progress: &'a mut dyn Progress,
     steps: Vec<Step>,
+    log: StepLog<&'a mut dyn Progress>,
     started: Instant,
-    records: Vec<StepRecord>,
     report: UpdateReport,
     before: Option<InfoResponse>,
     previous_params: Option<MigrationParameters>,
@@ -539,13 +443,16 @@ pub async fn run(
     args: &UpdateArgs,
     progress: &mut dyn Progress,
 ) -> Result<UpdateReport, UpdateFailure> {
+    let steps = Step::steps(args.load);
     let mut wf = Workflow {
         socket: socket.to_path_buf(),
         args,
-        progress,
-        steps: Step::steps(args.load),
+        log: StepLog::new(
+            steps.iter().map(|s| (s.name(), s.what())).collect(),
+            progress,
+        ),
+        steps,
         started: Instant::now(),
-        records: Vec::new(),
         report: UpdateReport {
             ok: false,
             outcome: "unknown",
@@ -580,7 +487,7 @@ pub async fn run(
         Ok(()) => {
             wf.report.ok = true;
             wf.report.outcome = "updated";
-            wf.report.steps = std::mem::take(&mut wf.records);
+            wf.report.steps = std::mem::take(&mut wf.log.records);
             wf.report.total_micros = micros(wf.started.elapsed());
             Ok(wf.report)
         }
@@ -602,7 +509,7 @@ pub async fn run(
                 | UpdateError::NoAnswer { .. } => "unknown",
             };
             wf.report.error = Some(error.to_string());
-            wf.report.steps = std::mem::take(&mut wf.records);
+            wf.report.steps = std::mem::take(&mut wf.log.records);
             wf.report.total_micros = micros(wf.started.elapsed());
             Err(UpdateFailure {
                 error,
@@ -612,28 +519,16 @@ pub async fn run(
     }
 }
 
-fn micros(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+impl From<ProbeError> for UpdateError {
+    fn from(e: ProbeError) -> Self {
+        UpdateError::Probe {
+            command: e.command,
+            detail: e.detail,
+        }
+    }
 }
 
 impl Workflow<'_> {
-    fn emit(&mut self, step: Step, status: &'static str, micros: u64, detail: Option<String>) {
-        let index = self
-            .steps
-            .iter()
-            .position(|s| *s == step)
-            .map_or(0, |i| i + 1);
-        let e = ProgressEvent {
-            step,
-            index,
-            of: self.steps.len(),
-            status,
-            micros,
-            detail,
-        };
-        self.progress.event(&e);
-    }
-
     fn die_if(&self, point: DiePoint) {
         if self.args.die_at == Some(point) {
             tracing::warn!(?point, "test hook: cprctl kills itself");
@@ -645,7 +540,7 @@ impl Workflow<'_> {
     async fn execute(&mut self) -> Result<(), UpdateError> {
         let steps = self.steps.clone();
         for step in steps {
-            self.emit(step, "started", 0, None);
+            self.log.emit(step.name(), "started", 0, None);
             self.report_step(step, "started").await;
             let t = Instant::now();
             let result = match step {
@@ -656,29 +551,8 @@ impl Workflow<'_> {
                 Step::MigrateIncoming => self.migrate_incoming().await,
                 Step::Verify => self.verify().await,
             };
-            let us = micros(t.elapsed());
-            match result {
-                Ok(detail) => {
-                    self.records.push(StepRecord {
-                        step,
-                        status: "done",
-                        micros: us,
-                        detail: detail.clone(),
-                    });
-                    self.emit(step, "done", us, detail);
-                    self.report_step(step, "done").await;
-                }
-                Err(e) => {
-                    self.records.push(StepRecord {
-                        step,
-                        status: "failed",
-                        micros: us,
-                        detail: Some(e.to_string()),
-                    });
-                    self.emit(step, "failed", us, Some(e.to_string()));
-                    return Err(e);
-                }
-            }
+            self.log.finish(step.name(), t, result)?;
+            self.report_step(step, "done").await;
             match step {
                 Step::Preflight => self.die_if(DiePoint::AfterPreflight),
                 Step::SetMode => self.die_if(DiePoint::AfterSetMode),
@@ -976,14 +850,7 @@ impl Workflow<'_> {
         self.note_after(&info);
         if migration.mode == MigrationMode::CprExec as i32 {
             self.report.vmmd_pause_micros = Some(migration.downtime_micros);
-            self.report.phases = migration
-                .phases
-                .iter()
-                .map(|p| PhaseView {
-                    name: p.name.clone(),
-                    micros: p.micros,
-                })
-                .collect();
+            self.report.phases = phase_views(&migration.phases);
         }
         let mut problems = Vec::new();
         if info.pid != before.pid {
@@ -1069,8 +936,8 @@ impl Workflow<'_> {
             if before.run_state == RunState::Running as i32
                 && info.run_state == RunState::Paused as i32
             {
-                self.emit(
-                    Step::Exec,
+                self.log.emit(
+                    Step::Exec.name(),
                     "compensating",
                     0,
                     Some("resuming the guest".into()),
@@ -1088,19 +955,13 @@ impl Workflow<'_> {
                     Ok(()) => "the guest was left paused; resumed it".to_owned(),
                     Err(e) => format!("cannot resume the guest: {e}"),
                 };
-                self.records.push(StepRecord {
-                    step: Step::Exec,
-                    status: "compensated",
-                    micros: micros(t.elapsed()),
-                    detail: Some(detail.clone()),
-                });
-                self.emit(Step::Exec, "compensated", micros(t.elapsed()), Some(detail));
+                self.log.compensated(Step::Exec.name(), t, detail);
             }
         }
         // Set mode: put the previous parameters back, on the process that has them.
         if self.mode_set && !self.image_changed {
             if let Some(prev) = self.previous_params.clone() {
-                self.emit(Step::SetMode, "compensating", 0, None);
+                self.log.emit(Step::SetMode.name(), "compensating", 0, None);
                 let t = Instant::now();
                 let r = match self.connect().await {
                     Ok(mut vmm) => vmm
@@ -1117,18 +978,7 @@ impl Workflow<'_> {
                     ),
                     Err(e) => format!("cannot restore the migration mode: {e}"),
                 };
-                self.records.push(StepRecord {
-                    step: Step::SetMode,
-                    status: "compensated",
-                    micros: micros(t.elapsed()),
-                    detail: Some(detail.clone()),
-                });
-                self.emit(
-                    Step::SetMode,
-                    "compensated",
-                    micros(t.elapsed()),
-                    Some(detail),
-                );
+                self.log.compensated(Step::SetMode.name(), t, detail);
             }
         }
         // Where the guest is now.
@@ -1174,50 +1024,6 @@ fn check_executable(path: &Path) -> Result<(), UpdateError> {
         });
     }
     Ok(())
-}
-
-/// What a probe of NEW answered.
-struct ProbeAnswer {
-    success: bool,
-    text: String,
-}
-
-/// Runs `NEW args...` with a timeout; its exit status and output.
-async fn probe(binary: &Path, args: &[String]) -> Result<ProbeAnswer, UpdateError> {
-    let command = format!("{} {}", binary.display(), args.join(" "));
-    let child = tokio::process::Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| UpdateError::Probe {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
-    let out = tokio::time::timeout(PROBE_TIMEOUT, child.wait_with_output())
-        .await
-        .map_err(|_| UpdateError::Probe {
-            command: command.clone(),
-            detail: format!("no answer within {}s", PROBE_TIMEOUT.as_secs()),
-        })?
-        .map_err(|e| UpdateError::Probe {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
-    let mut text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if !err.is_empty() {
-        if !text.is_empty() {
-            text.push_str("; ");
-        }
-        text.push_str(&err);
-    }
-    Ok(ProbeAnswer {
-        success: out.status.success(),
-        text,
-    })
 }
 
 /// The version in `vmmd --version` output (`vmmd 0.1.0` → `0.1.0`).
@@ -1507,7 +1313,8 @@ mod tests {
     #[test]
     fn progress_lines_name_the_step() {
         let e = ProgressEvent {
-            step: Step::Exec,
+            step: Step::Exec.name(),
+            what: Step::Exec.what(),
             index: 3,
             of: 5,
             status: "done",
@@ -1518,5 +1325,18 @@ mod tests {
         let v = serde_json::to_value(&e).expect("json");
         assert_eq!(v["step"], "exec");
         assert_eq!(v["status"], "done");
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"step":"exec","index":3,"of":5,"status":"done","micros":1500,"detail":null}"#
+        );
+        let started = ProgressEvent {
+            status: "started",
+            micros: 0,
+            ..e
+        };
+        assert_eq!(
+            started.human(),
+            "[3/5] exec: pause, save state, exec the new binary ..."
+        );
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use cpr_common::state::{encode_meta, StateFileError, StateReader, StateWriter};
 use cpr_common::{MigrationMode, MigrationUri, UriError};
@@ -1399,14 +1399,6 @@ impl Vm {
         if let Err(e) = retire {
             warn!(error = %e, "cannot retire the previous VM in the background");
         }
-    }
-
-    /// Seconds-resolution wall time, for logs.
-    pub fn now_unix_micros() -> u64 {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0)
     }
 }
 

@@ -339,6 +339,49 @@ fn check_meta<T: serde::de::DeserializeOwned>(
     Ok(value)
 }
 
+/// Writes a state file without RAM (cpr-exec, cpr-reboot) in one `write` call: header and meta are
+/// small, and every extra system call on the state file sits inside the guest's pause. `sync` adds an
+/// fsync (needed when the file must survive a host reboot).
+pub fn write_state_without_ram(
+    path: &Path,
+    meta: &[u8],
+    sync: bool,
+) -> Result<u64, StateFileError> {
+    let io_err = |op, source| StateFileError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let header = StateHeader {
+        version: STATE_FORMAT_VERSION,
+        has_ram: false,
+        meta_len: meta.len() as u64,
+        meta_crc: crc32c::crc32c(meta),
+        ram_len: 0,
+        ram_crc: 0,
+    };
+    let mut bytes = Vec::with_capacity(HEADER_LEN + meta.len());
+    bytes.extend_from_slice(&header.encode());
+    bytes.extend_from_slice(meta);
+    // Overwrite in place: truncating an existing file first costs more (on ext4 here) than the write.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_err("create", e))?;
+    file.write_all(&bytes).map_err(|e| io_err("write", e))?;
+    let old_len = file.metadata().map_err(|e| io_err("stat", e))?.len();
+    if old_len != bytes.len() as u64 {
+        file.set_len(bytes.len() as u64)
+            .map_err(|e| io_err("truncate", e))?;
+    }
+    if sync {
+        file.sync_all().map_err(|e| io_err("fsync", e))?;
+    }
+    Ok(bytes.len() as u64)
+}
+
 /// Writes a state file: header placeholder, meta, RAM chunks, then the final header and an fsync.
 pub struct StateWriter {
     file: File,
@@ -393,18 +436,7 @@ impl StateWriter {
     }
 
     /// Writes the final header and syncs the file to disk. Returns the file's length.
-    pub fn finish(self) -> Result<u64, StateFileError> {
-        self.finish_with(true)
-    }
-
-    /// Writes the final header without syncing: for a state file that only has to survive an
-    /// `execve` on the same host (cpr-exec), where the page cache is enough and an fsync only
-    /// lengthens the guest's pause.
-    pub fn finish_unsynced(self) -> Result<u64, StateFileError> {
-        self.finish_with(false)
-    }
-
-    fn finish_with(mut self, sync: bool) -> Result<u64, StateFileError> {
+    pub fn finish(mut self) -> Result<u64, StateFileError> {
         if self.ram_written != self.header.ram_len {
             return Err(StateFileError::BadHeader {
                 path: self.path,
@@ -426,9 +458,6 @@ impl StateWriter {
             .seek(SeekFrom::Start(0))
             .and_then(|_| self.file.write_all(&bytes))
             .map_err(|e| io_err("write header", e))?;
-        if !sync {
-            return Ok(self.header.file_len().unwrap_or(0));
-        }
         self.file.sync_all().map_err(|e| io_err("fsync", e))?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             if let Ok(d) = File::open(dir) {
@@ -627,6 +656,20 @@ mod tests {
         older[8..12].copy_from_slice(&0u32.to_le_bytes());
         check(&older, "older");
         check(b"#!/bin/sh\necho hello\n", "not a vmmd state file");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn state_without_ram_in_one_write() {
+        let dir = tempdir("noram");
+        let path = dir.join("vm.state");
+        let meta = encode_meta(&sample()).expect("encode");
+        let len = write_state_without_ram(&path, &meta, false).expect("write");
+        assert_eq!(len, std::fs::metadata(&path).expect("stat").len());
+        let (r, m) = StateReader::open::<Meta>(&path).expect("open");
+        assert_eq!(m, sample());
+        assert!(!r.header().has_ram);
+        r.finish().expect("no RAM to check");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use cpr_common::state::{encode_meta, StateFileError, StateReader, StateWriter};
+use cpr_common::state::{
+    encode_meta, write_state_without_ram, StateFileError, StateReader, StateWriter,
+};
 use cpr_common::{MigrationMode, MigrationUri, UriError};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
@@ -1004,7 +1006,7 @@ impl Vm {
                 })
             })?;
             clock.lap("sync-ram");
-            StateWriter::create(path, &meta, 0)?.finish()?;
+            write_state_without_ram(path, &meta, true)?;
             clock.lap("sync");
             report.downtime = paused_at.elapsed() + clock.phases[0].1;
             Ok(())
@@ -1061,7 +1063,7 @@ impl Vm {
         let meta = encode_meta(&state)?;
         report.state_bytes = meta.len() as u64;
         // The file only has to outlive the exec on this host: no fsync inside the pause.
-        StateWriter::create(path, &meta, 0)?.finish_unsynced()?;
+        write_state_without_ram(path, &meta, false)?;
         clock.lap("save-state");
         let Some(console) = self.console.take() else {
             return Err(VmError::Injected("console missing"));

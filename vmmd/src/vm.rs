@@ -905,10 +905,18 @@ impl Vm {
         saved: SavedRunState,
     ) -> Result<MigrationReport, VmError> {
         self.update_status = "cpr-exec: preflight".into();
-        if let Err(e) = self.cpr_exec_preflight(path) {
-            self.update_status = format!("cpr-exec failed: refused before pausing the guest: {e}");
-            return Err(e);
-        }
+        // The running binary is opened for a rollback now, not inside the pause.
+        let previous = match self
+            .cpr_exec_preflight(path)
+            .and_then(|()| cpr_exec::open_self().map_err(VmError::from))
+        {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.update_status =
+                    format!("cpr-exec failed: refused before pausing the guest: {e}");
+                return Err(e);
+            }
+        };
         // While the guest still runs: a child sharing our address space keeps it alive across the
         // exec, so `execve` does not tear down our mappings (guest RAM, the old VM's shadow page
         // tables) inside the pause. Without it, unmap guest RAM from our page tables instead.
@@ -943,6 +951,7 @@ impl Vm {
                 paused_at,
                 &mut clock,
                 &mut report,
+                &previous,
                 keeper.as_ref(),
             ) {
                 Err(e) => e,
@@ -1057,6 +1066,7 @@ impl Vm {
         paused_at_ns: u64,
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
+        previous: &OwnedFd,
         keeper: Option<&cpr_exec::AddressSpaceKeeper>,
     ) -> Result<std::convert::Infallible, VmError> {
         let state = self.capture(saved)?;
@@ -1069,7 +1079,7 @@ impl Vm {
             return Err(VmError::Injected("console missing"));
         };
         let console = console.quiesce();
-        let err = self.exec_with(path, paused_at_ns, clock, &console, keeper);
+        let err = self.exec_with(path, paused_at_ns, clock, &console, previous, keeper);
         // Compensation: the console serves again with everything it had.
         self.console = Some(Console::resume(console, CONSOLE_BUFFER)?);
         Err(err)
@@ -1081,12 +1091,9 @@ impl Vm {
         paused_at_ns: u64,
         clock: &PhaseClock,
         console: &ConsoleHandover,
+        previous: &OwnedFd,
         keeper: Option<&cpr_exec::AddressSpaceKeeper>,
     ) -> VmError {
-        let previous = match cpr_exec::open_self() {
-            Ok(fd) => fd,
-            Err(e) => return e.into(),
-        };
         let mut fds = vec![
             (fd_names::RAM.to_string(), self.ram.raw_fd()),
             (fd_names::PREVIOUS_BINARY.to_string(), previous.as_raw_fd()),

@@ -379,6 +379,14 @@ pub struct Vm {
     _kvm: Kvm,
 }
 
+/// What cpr-exec sets up before pausing the guest, so that none of it happens inside the pause.
+struct ExecPrepared {
+    /// The running binary, for a rollback.
+    previous: OwnedFd,
+    /// Keeps this address space alive across the exec (when it could be started).
+    keeper: Option<cpr_exec::AddressSpaceKeeper>,
+}
+
 /// What stays of the hand-over while the new process loads the state.
 struct InheritedContext {
     handover: CprHandover,
@@ -933,6 +941,7 @@ impl Vm {
                 None
             }
         };
+        let prepared = ExecPrepared { previous, keeper };
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
         let was_running = saved == SavedRunState::Running;
@@ -945,19 +954,11 @@ impl Vm {
             let paused_at = monotonic_ns();
             clock.lap("pause");
             self.update_status = "cpr-exec: saving".into();
-            match self.exec_paused(
-                path,
-                saved,
-                paused_at,
-                &mut clock,
-                &mut report,
-                &previous,
-                keeper.as_ref(),
-            ) {
+            match self.exec_paused(path, saved, paused_at, &mut clock, &mut report, &prepared) {
                 Err(e) => e,
             }
         })();
-        if let Some(k) = keeper {
+        if let Some(k) = prepared.keeper {
             k.release();
         }
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
@@ -1066,8 +1067,7 @@ impl Vm {
         paused_at_ns: u64,
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
-        previous: &OwnedFd,
-        keeper: Option<&cpr_exec::AddressSpaceKeeper>,
+        prepared: &ExecPrepared,
     ) -> Result<std::convert::Infallible, VmError> {
         let state = self.capture(saved)?;
         let meta = encode_meta(&state)?;
@@ -1079,7 +1079,7 @@ impl Vm {
             return Err(VmError::Injected("console missing"));
         };
         let console = console.quiesce();
-        let err = self.exec_with(path, paused_at_ns, clock, &console, previous, keeper);
+        let err = self.exec_with(path, paused_at_ns, clock, &console, prepared);
         // Compensation: the console serves again with everything it had.
         self.console = Some(Console::resume(console, CONSOLE_BUFFER)?);
         Err(err)
@@ -1091,9 +1091,9 @@ impl Vm {
         paused_at_ns: u64,
         clock: &PhaseClock,
         console: &ConsoleHandover,
-        previous: &OwnedFd,
-        keeper: Option<&cpr_exec::AddressSpaceKeeper>,
+        prepared: &ExecPrepared,
     ) -> VmError {
+        let (previous, keeper) = (&prepared.previous, prepared.keeper.as_ref());
         let mut fds = vec![
             (fd_names::RAM.to_string(), self.ram.raw_fd()),
             (fd_names::PREVIOUS_BINARY.to_string(), previous.as_raw_fd()),

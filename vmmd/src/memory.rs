@@ -184,14 +184,7 @@ impl GuestRam {
             None => (create_memfd()?, "memfd".to_string()),
             Some(path) => (open_backing_file(path)?, path.display().to_string()),
         };
-        let current = file
-            .metadata()
-            .map_err(|source| MemoryError::Resize {
-                what: what.clone(),
-                size: spec.size,
-                source,
-            })?
-            .len();
+        let current = backing_len(&file, &what, spec.size)?;
         if keep_existing && spec.path.is_some() && current != 0 && current != spec.size {
             return Err(MemoryError::InheritedSize {
                 what,
@@ -288,14 +281,7 @@ impl GuestRam {
             .as_ref()
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| RAM_MEMFD_NAME.to_string());
-        let size = file
-            .metadata()
-            .map_err(|source| MemoryError::Resize {
-                what: what.clone(),
-                size: spec.size,
-                source,
-            })?
-            .len();
+        let size = backing_len(&file, &what, spec.size)?;
         if size != spec.size {
             return Err(MemoryError::InheritedSize {
                 what,
@@ -380,6 +366,17 @@ impl GuestRam {
             .map(|r| (r.start_addr().0, r.as_ptr(), r.len() as usize))
             .collect()
     }
+}
+
+/// The current length of a RAM backing fd (`what` names it in the error).
+fn backing_len(file: &File, what: &str, size: u64) -> Result<u64, MemoryError> {
+    file.metadata()
+        .map(|m| m.len())
+        .map_err(|source| MemoryError::Resize {
+            what: what.to_string(),
+            size,
+            source,
+        })
 }
 
 fn create_memfd() -> Result<File, MemoryError> {

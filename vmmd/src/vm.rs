@@ -870,31 +870,50 @@ impl Vm {
         };
         let MigrationUri::File(path) = target;
         match self.mode {
-            MigrationMode::Normal => {}
-            MigrationMode::CprExec => return self.cpr_exec(uri, &path, saved_state),
-            MigrationMode::CprReboot => return self.cpr_reboot(uri, &path, saved_state),
+            MigrationMode::Normal => self.save_and_stop(uri, &path, saved_state),
+            MigrationMode::CprExec => self.cpr_exec(uri, &path, saved_state),
+            MigrationMode::CprReboot => self.cpr_reboot(uri, &path, saved_state),
         }
+    }
+
+    /// Normal and cpr-reboot saves: pause, save in the current mode, stop in `postmigrate`. On
+    /// failure the guest runs on in the runstate it had.
+    fn save_and_stop(
+        &mut self,
+        uri: &str,
+        path: &std::path::Path,
+        saved: SavedRunState,
+    ) -> Result<MigrationReport, VmError> {
         let mut report = self.start_report(uri, false);
         let mut clock = PhaseClock::new();
         self.report_progress(MigrationStatus::Active, "pause", 0, 0, false);
-        let was_running = saved_state == SavedRunState::Running;
+        let was_running = saved == SavedRunState::Running;
         let result = (|| {
             if was_running {
                 self.pause_vcpus()?;
             }
             clock.lap("pause");
             let paused_at = Instant::now();
-            let r = self.save_to(&path, saved_state, &mut clock, &mut report);
+            let r = match self.mode {
+                MigrationMode::CprReboot => {
+                    self.save_for_reboot(path, saved, &mut clock, &mut report)
+                }
+                _ => self.save_to(path, saved, &mut clock, &mut report),
+            };
             report.downtime = paused_at.elapsed() + clock.phases[0].1;
             r
         })();
         match &result {
             Ok(()) => {
-                self.saved_from = Some(saved_state);
-                self.set_run_state(RunState::PostMigrate, "migration completed");
+                self.saved_from = Some(saved);
+                let reason = match self.mode {
+                    MigrationMode::CprReboot => "cpr-reboot state saved",
+                    _ => "migration completed",
+                };
+                self.set_run_state(RunState::PostMigrate, reason);
             }
             Err(e) => {
-                warn!(error = %e, "migration failed; the guest carries on here");
+                warn!(error = %e, mode = %self.mode, "save failed; the guest carries on here");
                 if was_running {
                     self.vcpus.control.resume();
                 }
@@ -995,46 +1014,31 @@ impl Vm {
         {
             warn!(error = %e, "cannot drop guest RAM mappings before the save");
         }
-        let mut report = self.start_report(uri, false);
-        let mut clock = PhaseClock::new();
-        let was_running = saved == SavedRunState::Running;
-        let result = (|| {
-            if was_running {
-                self.pause_vcpus()?;
-            }
-            clock.lap("pause");
-            let paused_at = Instant::now();
-            let state = self.capture(saved)?;
-            let meta = encode_meta(&state)?;
-            report.state_bytes = meta.len() as u64;
-            clock.lap("save-state");
-            self.ram.sync().map_err(|source| {
-                VmError::StateFile(StateFileError::Io {
-                    path: self.ram.path().map(|p| p.to_path_buf()).unwrap_or_default(),
-                    op: "fsync guest RAM",
-                    source,
-                })
-            })?;
-            clock.lap("sync-ram");
-            write_state_without_ram(path, &meta, true)?;
-            clock.lap("sync");
-            report.downtime = paused_at.elapsed() + clock.phases[0].1;
-            Ok(())
-        })();
-        match &result {
-            Ok(()) => {
-                self.saved_from = Some(saved);
-                self.set_run_state(RunState::PostMigrate, "cpr-reboot state saved");
-            }
-            Err(e) => {
-                warn!(error = %e, "cpr-reboot save failed; the guest carries on");
-                if was_running {
-                    self.vcpus.control.resume();
-                }
-            }
-        }
-        let report = self.finish_report(report, clock, &result);
-        result.map(|()| report)
+        self.save_and_stop(uri, path, saved)
+    }
+
+    /// The cpr-reboot save, vCPUs paused: guest RAM flushed to its file, then the state without RAM
+    /// (fsync'd: it must survive the reboot).
+    fn save_for_reboot(
+        &self,
+        path: &std::path::Path,
+        saved: SavedRunState,
+        clock: &mut PhaseClock,
+        report: &mut MigrationReport,
+    ) -> Result<(), VmError> {
+        let meta = self.encode_state(saved, report)?;
+        clock.lap("save-state");
+        self.ram.sync().map_err(|source| {
+            VmError::StateFile(StateFileError::Io {
+                path: self.ram.path().map(|p| p.to_path_buf()).unwrap_or_default(),
+                op: "fsync guest RAM",
+                source,
+            })
+        })?;
+        clock.lap("sync-ram");
+        write_state_without_ram(path, &meta, true)?;
+        clock.lap("sync");
+        Ok(())
     }
 
     /// Everything that can be checked before the guest is paused: the new binary and its arguments,
@@ -1069,9 +1073,7 @@ impl Vm {
         report: &mut MigrationReport,
         prepared: &ExecPrepared,
     ) -> Result<std::convert::Infallible, VmError> {
-        let state = self.capture(saved)?;
-        let meta = encode_meta(&state)?;
-        report.state_bytes = meta.len() as u64;
+        let meta = self.encode_state(saved, report)?;
         // The file only has to outlive the exec on this host: no fsync inside the pause.
         write_state_without_ram(path, &meta, false)?;
         clock.lap("save-state");
@@ -1175,6 +1177,17 @@ impl Vm {
         })
     }
 
+    /// Captures and encodes the vCPU/VM/device state of the paused VM.
+    fn encode_state(
+        &self,
+        run_state: SavedRunState,
+        report: &mut MigrationReport,
+    ) -> Result<Vec<u8>, VmError> {
+        let meta = encode_meta(&self.capture(run_state)?)?;
+        report.state_bytes = meta.len() as u64;
+        Ok(meta)
+    }
+
     fn save_to(
         &self,
         path: &std::path::Path,
@@ -1182,9 +1195,7 @@ impl Vm {
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
     ) -> Result<(), VmError> {
-        let state = self.capture(run_state)?;
-        let meta = encode_meta(&state)?;
-        report.state_bytes = meta.len() as u64;
+        let meta = self.encode_state(run_state, report)?;
         clock.lap("save-state");
         let total = self.ram.size();
         let mut writer = StateWriter::create(path, &meta, total)?;

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 /// Environment variable holding the hand-over memfd's number.
 pub const HANDOVER_ENV: &str = "VMMD_CPR_HANDOVER";
 /// Version of the hand-over layout.
-pub const HANDOVER_VERSION: u32 = 1;
+pub const HANDOVER_VERSION: u32 = 2;
 const HANDOVER_MAGIC: [u8; 8] = *b"VMMDCPRH";
 
 /// Names of the fds in the table.
@@ -62,6 +62,8 @@ pub struct CprHandover {
     pub rollback_reason: Option<String>,
     /// Pid of the child keeping the previous address space alive, to reap once it is released.
     pub address_space_keeper: Option<i32>,
+    /// The VFIO model's container ids, in container order (test hook; empty on a real kernel).
+    pub vfio_model_containers: Vec<u32>,
 }
 
 /// A hand-over that cannot be written or read.
@@ -230,6 +232,7 @@ mod tests {
             generation: 3,
             rollback_reason: None,
             address_space_keeper: None,
+            vfio_model_containers: vec![3, 4],
         }
     }
 

@@ -21,6 +21,7 @@ use clap::Parser;
 
 use crate::devices::console::SerialBackendSpec;
 use crate::memory::MemorySpec;
+use crate::vfio::{VfioConfig, VfioDeviceSpec};
 use crate::vm::{FaultInjection, Incoming, VmConfig};
 
 /// vmmd: a KVM virtual machine monitor that owns one VM and can be live-updated.
@@ -67,6 +68,19 @@ pub struct Cli {
     /// Test hook: make the incoming load fail or crash (exercises cpr-exec rollback).
     #[arg(long, value_enum, hide = true)]
     pub fault_inject: Option<FaultInjection>,
+    /// Passthrough device: vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,container=NAME] (repeatable;
+    /// devices with the same container name share a VFIO container, all by default).
+    #[arg(long = "device", value_name = "vfio=PATH[,container=NAME]")]
+    pub devices: Vec<VfioDeviceSpec>,
+    /// Test hook: serve VFIO from a model of the kernel's type1 IOMMU whose state lives in PATH.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub vfio_model: Option<PathBuf>,
+    /// Test hook: make a VFIO model call fail, OP[:CONTAINER|*[:NTH[:ERRNO]]] (repeatable).
+    #[arg(long, value_name = "FAULT", hide = true)]
+    pub vfio_model_fault: Vec<crate::vfio::model::Fault>,
+    /// Test hook: the VFIO model lacks VFIO_UPDATE_VADDR and VFIO_UNMAP_ALL.
+    #[arg(long, hide = true)]
+    pub vfio_model_without_vaddr: bool,
     /// Exit 0 if this vmmd can read state files of format version V, 1 otherwise.
     #[arg(long, value_name = "V")]
     pub check_state_version: Option<u32>,
@@ -135,6 +149,9 @@ pub struct ConfigFile {
     pub memory: MemoryFile,
     /// Serial backend, as for --serial.
     pub serial: Option<String>,
+    /// Passthrough devices, as for --device.
+    #[serde(default)]
+    pub devices: Vec<String>,
 }
 
 impl ConfigFile {
@@ -188,6 +205,14 @@ impl Cli {
                 })?,
             (None, None) => SerialBackendSpec::Null,
         };
+        let devices = if self.devices.is_empty() {
+            file.devices
+                .iter()
+                .map(|d| d.parse::<VfioDeviceSpec>().map_err(|e| value("devices", e)))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.devices.clone()
+        };
         let vcpus = self.vcpus.or(file.vcpus).unwrap_or(1);
         if !(1..=64).contains(&vcpus) {
             return Err(value("vcpus", format!("{vcpus} is not in 1..=64")));
@@ -205,6 +230,12 @@ impl Cli {
                 .ok_or(ConfigError::NoApiSocket)?,
             incoming: self.incoming.clone(),
             fault: self.fault_inject,
+            vfio: VfioConfig {
+                devices,
+                model: self.vfio_model.clone(),
+                model_faults: self.vfio_model_fault.clone(),
+                model_without_vaddr: self.vfio_model_without_vaddr,
+            },
         })
     }
 }

@@ -10,4 +10,5 @@ pub mod devices;
 pub mod memory;
 pub mod notify;
 pub mod vcpu;
+pub mod vfio;
 pub mod vm;

@@ -165,10 +165,17 @@ impl Inheritance {
             h.console_pending_in.clone(),
             h.console_pty_path.clone(),
         );
+        let vfio_fds = self
+            .fds
+            .iter()
+            .filter(|(n, _)| n.starts_with("vfio-"))
+            .filter_map(|(n, fd)| fd.try_clone().ok().map(|fd| (n.clone(), fd)))
+            .collect();
         Ok(vm::Inherited {
             ram,
             console,
             handover: h.clone(),
+            vfio_fds,
             started_ns: self.started_ns,
         })
     }

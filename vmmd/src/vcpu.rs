@@ -576,13 +576,16 @@ fn run_vcpu(
                 devices.pio_read(port, data);
                 None
             }
+            Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => None,
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                debug!(
-                    vcpu = id,
-                    addr = format!("{addr:#x}"),
-                    "read from unassigned MMIO"
-                );
-                data.fill(0xff);
+                if !devices.mmio_read(addr, data) {
+                    debug!(
+                        vcpu = id,
+                        addr = format!("{addr:#x}"),
+                        "read from unassigned MMIO"
+                    );
+                    data.fill(0xff);
+                }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, _)) => {

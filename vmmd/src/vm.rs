@@ -23,11 +23,14 @@ use crate::boot::pvh::{self, BootError};
 use crate::cpr::exec::{self as cpr_exec, CprExecError, PreservedFds};
 use crate::cpr::state::{KvmVmError, KvmVmState, SavedRunState, VmState};
 use crate::devices::console::{Console, ConsoleError, ConsoleHandover, SerialBackendSpec};
+use crate::devices::pci::PciBus;
 use crate::devices::pm::PmDevice;
 use crate::devices::serial::{SerialDevice, SerialError, COM1_GSI};
 use crate::devices::{Devices, GuestRequest};
 use crate::memory::{GuestRam, MemoryError, MemorySpec};
 use crate::vcpu::{self, VcpuError, VcpuEvent, VcpuSet};
+use crate::vfio::dma::{DmaMapping, DmaStepError};
+use crate::vfio::{Placement, Vfio, VfioConfig, VfioError};
 
 /// vmmd's version as reported over the API: the crate version, or `VMMD_BUILD_VERSION` when the
 /// binary was built with it set (how a test builds "a different vmmd" to update to).
@@ -93,6 +96,8 @@ pub struct VmConfig {
     pub incoming: Option<Incoming>,
     /// Test hook: make the next incoming load fail or crash.
     pub fault: Option<FaultInjection>,
+    /// VFIO passthrough devices.
+    pub vfio: VfioConfig,
 }
 
 /// Failures a test can inject into an incoming load, to exercise cpr-exec rollback.
@@ -112,6 +117,8 @@ pub struct Inherited {
     pub console: ConsoleHandover,
     /// The hand-over itself.
     pub handover: CprHandover,
+    /// Duplicates of the inherited VFIO fds, by hand-over name.
+    pub vfio_fds: Vec<(String, OwnedFd)>,
     /// CLOCK_MONOTONIC when this process started.
     pub started_ns: u64,
 }
@@ -230,6 +237,18 @@ pub enum VmError {
     /// Injected by a test.
     #[error("injected fault: {0}")]
     Injected(&'static str),
+    /// VFIO passthrough set-up.
+    #[error(transparent)]
+    Vfio(#[from] VfioError),
+    /// A VFIO DMA step of a live update failed (and was undone as far as the message says).
+    #[error("VFIO DMA {step}: {source}")]
+    VfioDma {
+        /// Which step.
+        step: &'static str,
+        /// The failed call and its compensation.
+        #[source]
+        source: DmaStepError,
+    },
 }
 
 /// Something observers of the VM want to know.
@@ -376,6 +395,8 @@ pub struct Vm {
     saved_from: Option<SavedRunState>,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
+    /// VFIO containers and DMA mappings (the devices themselves are on the PCI bus).
+    vfio: Option<Vfio>,
     _kvm: Kvm,
 }
 
@@ -416,15 +437,19 @@ impl Vm {
         vm_fd
             .set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let mut vfio_fds = Vec::new();
         let (ram, console, inherited) = match inherited {
             Some(i) => (
                 GuestRam::inherited(i.ram, &config.memory)?,
                 Console::resume(i.console, CONSOLE_BUFFER)?,
-                Some(InheritedContext {
-                    handover: i.handover,
-                    held: Vec::new(),
-                    started_ns: i.started_ns,
-                }),
+                {
+                    vfio_fds = i.vfio_fds;
+                    Some(InheritedContext {
+                        handover: i.handover,
+                        held: Vec::new(),
+                        started_ns: i.started_ns,
+                    })
+                },
             ),
             None => (
                 GuestRam::create(&config.memory, config.incoming.is_some())?,
@@ -462,9 +487,19 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, COM1_GSI)
             .map_err(kvm_err("KVM_IRQFD"))?;
+        let mut vfio = open_vfio(&config.vfio, &ram, inherited.as_ref(), vfio_fds)?;
+        let mut pci_devices = vfio
+            .as_mut()
+            .map(Vfio::take_pci_devices)
+            .unwrap_or_default();
+        for dev in &mut pci_devices {
+            dev.wire(&vm_fd).map_err(VfioError::from)?;
+        }
+        lap("vfio");
         let devices = Arc::new(Devices {
             serial: Mutex::new(SerialDevice::new(serial_irq, console.writer())),
             pm: Mutex::new(PmDevice::new()),
+            pci: Mutex::new(PciBus::new(pci_devices)),
         });
         let input_devices = devices.clone();
         console.set_input_sink(Box::new(move |bytes| {
@@ -519,6 +554,7 @@ impl Vm {
             saved_from: None,
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
+            vfio,
             _kvm: kvm,
         })
     }
@@ -728,6 +764,9 @@ impl Vm {
         if self.api_listener_fd.is_none() {
             blockers.push("the API socket is not known to the CPR engine".to_string());
         }
+        if let Some(v) = &self.vfio {
+            blockers.extend(v.cpr_exec_blockers());
+        }
         blockers
     }
 
@@ -738,6 +777,12 @@ impl Vm {
             blockers.push(
                 "guest RAM is an anonymous memfd, which does not outlive the vmmd process: start vmmd \
                  with --memory size=...,path=FILE on /dev/shm, hugetlbfs or a DAX device"
+                    .to_string(),
+            );
+        }
+        if self.vfio.is_some() && self.run_state != RunState::Suspended {
+            blockers.push(
+                "VFIO devices keep DMA-ing into guest RAM and their IOMMU mappings do not survive a host                  reboot: suspend the guest first (cprctl reboot-prep --suspend, or system_suspend), then                  retry"
                     .to_string(),
             );
         }
@@ -972,10 +1017,33 @@ impl Vm {
             }
             let paused_at = monotonic_ns();
             clock.lap("pause");
-            self.update_status = "cpr-exec: saving".into();
-            match self.exec_paused(path, saved, paused_at, &mut clock, &mut report, &prepared) {
-                Err(e) => e,
+            if let Some(v) = &mut self.vfio {
+                self.update_status = "cpr-exec: invalidating VFIO DMA host addresses".into();
+                if let Err(source) = v.invalidate() {
+                    return VmError::VfioDma {
+                        step: "invalidate-vaddr",
+                        source,
+                    };
+                }
+                clock.lap("vfio-invalidate");
             }
+            self.update_status = "cpr-exec: saving".into();
+            let Err(e) =
+                self.exec_paused(path, saved, paused_at, &mut clock, &mut report, &prepared);
+            // Compensation: the host addresses this process invalidated are valid again.
+            if let Some(v) = self.vfio.as_mut().filter(|v| v.is_invalid()) {
+                if let Err(undo) = v.cancel_invalidation() {
+                    warn!(error = %undo, "cannot restore the VFIO DMA host addresses after a failed exec");
+                    return VmError::VfioDma {
+                        step: "restore-vaddr after a failed exec",
+                        source: DmaStepError {
+                            failed: undo,
+                            undo: None,
+                        },
+                    };
+                }
+            }
+            e
         })();
         if let Some(k) = prepared.keeper {
             k.release();
@@ -1120,6 +1188,9 @@ impl Vm {
                 .into_iter()
                 .map(|(n, fd)| (n.to_string(), fd)),
         );
+        if let Some(v) = &self.vfio {
+            fds.extend(v.handover_fds());
+        }
         let argv: Vec<String> = std::env::args().collect();
         let handover = CprHandover {
             fds,
@@ -1139,6 +1210,11 @@ impl Vm {
             generation: self.generation + 1,
             rollback_reason: None,
             address_space_keeper: keeper.map(|k| k.pid()),
+            vfio_model_containers: self
+                .vfio
+                .as_ref()
+                .map(Vfio::model_container_ids)
+                .unwrap_or_default(),
         };
         let handover = CprHandover {
             exec_at_ns: monotonic_ns(),
@@ -1331,6 +1407,18 @@ impl Vm {
         self.devices.serial().restore(&state.serial)?;
         *self.devices.pm() = PmDevice::from_state(state.pm);
         clock.lap("restore");
+        if let Some(v) = self.vfio.as_mut().filter(|v| v.is_invalid()) {
+            let after_failed = self
+                .inherited
+                .as_ref()
+                .is_some_and(|i| i.handover.rollback_reason.is_some());
+            v.revalidate(&dma_regions(&self.ram), after_failed)
+                .map_err(|source| VmError::VfioDma {
+                    step: "update-vaddr",
+                    source,
+                })?;
+            clock.lap("vfio-remap");
+        }
 
         let next = match state.run_state {
             SavedRunState::Running => {
@@ -1424,6 +1512,53 @@ impl Vm {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Guest RAM as DMA mappings: iova = guest physical address, at this process's host address.
+fn dma_regions(ram: &GuestRam) -> Vec<DmaMapping> {
+    ram.host_slices()
+        .into_iter()
+        .map(|(gpa, host, len)| DmaMapping {
+            iova: gpa,
+            size: len as u64,
+            vaddr: host as u64,
+        })
+        .collect()
+}
+
+/// Where passthrough devices go: BARs in the hole below 4 GiB up to the IOAPIC, INTx from GSI 10.
+const VFIO_PLACEMENT: Placement = Placement {
+    mmio_base: 0xe000_0000,
+    mmio_end: 0xfec0_0000,
+    first_gsi: 10,
+};
+
+/// Opens (or, after cpr-exec, adopts) the VFIO devices and containers.
+fn open_vfio(
+    cfg: &VfioConfig,
+    ram: &GuestRam,
+    inherited: Option<&InheritedContext>,
+    fds: Vec<(String, OwnedFd)>,
+) -> Result<Option<Vfio>, VfioError> {
+    let regions = dma_regions(ram);
+    match inherited {
+        None => Vfio::open(cfg, &regions, VFIO_PLACEMENT),
+        Some(ctx) => {
+            let fds = Mutex::new(fds);
+            let take = |name: &str| {
+                let mut fds = lock(&fds);
+                let i = fds.iter().position(|(n, _)| n == name)?;
+                Some(fds.swap_remove(i).1)
+            };
+            Vfio::inherited(
+                cfg,
+                &regions,
+                VFIO_PLACEMENT,
+                &take,
+                &ctx.handover.vfio_model_containers,
+            )
+        }
+    }
 }
 
 fn set_memory_region(

@@ -1,6 +1,7 @@
 //! Emulated devices and the port-I/O bus the vCPU threads dispatch to.
 
 pub mod console;
+pub mod pci;
 pub mod pm;
 pub mod serial;
 
@@ -8,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use tracing::trace;
 
+use pci::PciBus;
 use pm::PmDevice;
 use serial::SerialDevice;
 
@@ -28,6 +30,8 @@ pub struct Devices {
     pub serial: Mutex<SerialDevice>,
     /// The ACPI PM1a event and control registers.
     pub pm: Mutex<PmDevice>,
+    /// PCI bus 0: config ports and the passthrough devices' BARs.
+    pub pci: Mutex<PciBus>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -46,6 +50,10 @@ impl Devices {
                 None
             }
             pm::PM_BASE..=pm::PM_LAST => lock(&self.pm).write(port - pm::PM_BASE, data),
+            pci::CONFIG_ADDRESS | pci::CONFIG_DATA..=pci::CONFIG_DATA_LAST => {
+                lock(&self.pci).pio_write(port, data);
+                None
+            }
             _ => {
                 trace!(
                     port = format!("{port:#x}"),
@@ -67,11 +75,29 @@ impl Devices {
                 }
             }
             pm::PM_BASE..=pm::PM_LAST => lock(&self.pm).read(port - pm::PM_BASE, data),
+            pci::CONFIG_ADDRESS | pci::CONFIG_DATA..=pci::CONFIG_DATA_LAST => {
+                lock(&self.pci).pio_read(port, data)
+            }
             _ => {
                 trace!(port = format!("{port:#x}"), "read from unassigned port");
                 data.fill(0xff);
             }
         }
+    }
+
+    /// Handles a guest MMIO read; false when no device claims `addr`.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        lock(&self.pci).mmio_read(addr, data)
+    }
+
+    /// Handles a guest MMIO write; false when no device claims `addr`.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        lock(&self.pci).mmio_write(addr, data)
+    }
+
+    /// Locks the PCI bus.
+    pub fn pci(&self) -> MutexGuard<'_, PciBus> {
+        lock(&self.pci)
     }
 
     /// Locks COM1.

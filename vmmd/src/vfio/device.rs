@@ -1,0 +1,529 @@
+//! A host PCI device given to the guest through its VFIO device fd.
+//!
+//! Config space is read and written through the VFIO config region, except what the VMM owns:
+//! the BARs (placed by vmmd in the 32-bit MMIO window, sizing emulated), the expansion ROM (none),
+//! the interrupt line (the GSI of INTx pin A) and the capability list, which is hidden because
+//! MSI/MSI-X are not emulated yet: the guest uses INTx. BAR accesses trap to vmmd and go to the
+//! device's region with `pread`/`pwrite`. INTx is an eventfd the device signals, wired to a KVM
+//! irqfd with a resample eventfd that unmasks the line when the guest's EOI reaches the IOAPIC.
+//!
+//! Across cpr-exec the device fd and both eventfds are inherited: no reset, no new `SET_IRQS`;
+//! the new process only registers the same eventfds as irqfds of its new VM.
+
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+
+use kvm_ioctls::VmFd;
+use nix::errno::Errno;
+use tracing::{debug, info, warn};
+use vfio_bindings::bindings::vfio::{
+    vfio_device_info, vfio_irq_info, vfio_region_info, VFIO_DEVICE_FLAGS_PCI,
+    VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::ioctls::{
+    ioctl_ptr, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
+};
+
+/// Why a passthrough device cannot be set up or served.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A device ioctl failed.
+    #[error("VFIO device {device}: {op} failed with {errno} ({})", errno.desc())]
+    Ioctl {
+        /// The device.
+        device: String,
+        /// The ioctl.
+        op: &'static str,
+        /// The kernel's answer.
+        errno: Errno,
+    },
+    /// Not a PCI device.
+    #[error("VFIO device {0} is not a PCI device: only vfio-pci devices are supported")]
+    NotPci(String),
+    /// The BARs do not fit the MMIO window.
+    #[error(
+        "VFIO device {device}: BAR {bar} ({size} bytes) does not fit in the guest's MMIO window"
+    )]
+    NoRoom {
+        /// The device.
+        device: String,
+        /// The BAR.
+        bar: usize,
+        /// Its size.
+        size: u64,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for VFIO device {device}")]
+    EventFd {
+        /// The device.
+        device: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused the irqfd.
+    #[error("VFIO device {device}: KVM_IRQFD for GSI {gsi} failed")]
+    Irqfd {
+        /// The device.
+        device: String,
+        /// The GSI.
+        gsi: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    offset: u64,
+    size: u64,
+}
+
+/// A memory BAR as the guest sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Bar {
+    /// BAR number (0–5).
+    pub index: usize,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Size (a power of two).
+    pub size: u64,
+    region_offset: u64,
+    /// Low 4 bits of the BAR register (memory, 32/64-bit, prefetchable).
+    flags: u32,
+    is64: bool,
+}
+
+struct Intx {
+    trigger: EventFd,
+    resample: EventFd,
+}
+
+/// One passthrough PCI device.
+pub struct PassthroughDevice {
+    name: String,
+    fd: OwnedFd,
+    config: Region,
+    regions: Vec<(usize, Region)>,
+    bars: Vec<Bar>,
+    sizing: [bool; 6],
+    intx: Option<Intx>,
+    gsi: u32,
+    wired: bool,
+}
+
+impl std::fmt::Debug for PassthroughDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PassthroughDevice")
+            .field("name", &self.name)
+            .field("bars", &self.bars)
+            .finish()
+    }
+}
+
+/// `VFIO_DEVICE_SET_IRQS` with one eventfd.
+#[repr(C)]
+struct IrqSetOne {
+    argsz: u32,
+    flags: u32,
+    index: u32,
+    start: u32,
+    count: u32,
+    fd: i32,
+}
+
+const PCI_COMMAND: u16 = 0x04;
+const PCI_STATUS_CAP_LIST: u32 = 1 << 20;
+const PCI_BAR0: u16 = 0x10;
+const PCI_ROM: u16 = 0x30;
+const PCI_CAP_PTR: u16 = 0x34;
+const PCI_INTERRUPT_LINE: u16 = 0x3c;
+
+fn eventfd_names(index: usize) -> (String, String) {
+    let d = super::fd_names::device(index);
+    (format!("{d}-intx"), format!("{d}-intx-resample"))
+}
+
+impl PassthroughDevice {
+    /// Sets up device `index` from its VFIO fd. `fresh`: a new open, so reset it and configure INTx;
+    /// otherwise (inherited) keep it as it is and take the INTx eventfds through `take`.
+    pub fn open(
+        index: usize,
+        name: String,
+        fd: OwnedFd,
+        fresh: bool,
+        gsi: u32,
+        take: &dyn Fn(&str) -> Option<OwnedFd>,
+    ) -> Result<PassthroughDevice, DeviceError> {
+        let device_name = name.clone();
+        let err = move |op: &'static str| {
+            let device = device_name.clone();
+            move |errno| DeviceError::Ioctl { device, op, errno }
+        };
+        let mut info = vfio_device_info {
+            argsz: std::mem::size_of::<vfio_device_info>() as u32,
+            ..Default::default()
+        };
+        ioctl_ptr(fd.as_raw_fd(), VFIO_DEVICE_GET_INFO, &mut info)
+            .map_err(err("VFIO_DEVICE_GET_INFO"))?;
+        if info.flags & VFIO_DEVICE_FLAGS_PCI == 0 {
+            return Err(DeviceError::NotPci(name));
+        }
+        let region = |index: u32| -> Result<Region, DeviceError> {
+            let mut r = vfio_region_info {
+                argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                index,
+                ..Default::default()
+            };
+            ioctl_ptr(fd.as_raw_fd(), VFIO_DEVICE_GET_REGION_INFO, &mut r)
+                .map_err(err("VFIO_DEVICE_GET_REGION_INFO"))?;
+            Ok(Region {
+                offset: r.offset,
+                size: r.size,
+            })
+        };
+        let config = region(VFIO_PCI_CONFIG_REGION_INDEX)?;
+        let mut regions = Vec::new();
+        for i in 0..6usize {
+            let r = region(i as u32)?;
+            if r.size > 0 {
+                regions.push((i, r));
+            }
+        }
+        if fresh && info.flags & VFIO_DEVICE_FLAGS_RESET != 0 {
+            // SAFETY: VFIO_DEVICE_RESET takes no argument.
+            let rc = unsafe { libc::ioctl(fd.as_raw_fd(), VFIO_DEVICE_RESET) };
+            if let Err(e) = Errno::result(rc) {
+                warn!(device = %name, error = %e, "VFIO_DEVICE_RESET failed; going on with the device as it is");
+            }
+        }
+        let mut dev = PassthroughDevice {
+            name,
+            fd,
+            config,
+            regions,
+            bars: Vec::new(),
+            sizing: [false; 6],
+            intx: None,
+            gsi,
+            wired: false,
+        };
+        dev.bars = dev.probe_bars();
+        let pin = dev.read_config_dword(PCI_INTERRUPT_LINE) >> 8 & 0xff;
+        let mut irq = vfio_irq_info {
+            argsz: std::mem::size_of::<vfio_irq_info>() as u32,
+            index: VFIO_PCI_INTX_IRQ_INDEX,
+            ..Default::default()
+        };
+        ioctl_ptr(dev.fd.as_raw_fd(), VFIO_DEVICE_GET_IRQ_INFO, &mut irq)
+            .map_err(err("VFIO_DEVICE_GET_IRQ_INFO"))?;
+        if pin != 0 && irq.count > 0 {
+            dev.intx = Some(if fresh {
+                dev.new_intx()?
+            } else {
+                dev.inherited_intx(index, take)?
+            });
+        }
+        info!(device = %dev.name, bars = dev.bars.len(), intx = dev.intx.is_some(), gsi, fresh, "VFIO PCI device");
+        Ok(dev)
+    }
+
+    fn new_intx(&self) -> Result<Intx, DeviceError> {
+        let efd = || {
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                DeviceError::EventFd {
+                    device: self.name.clone(),
+                    source,
+                }
+            })
+        };
+        let intx = Intx {
+            trigger: efd()?,
+            resample: efd()?,
+        };
+        self.set_irq(VFIO_IRQ_SET_ACTION_TRIGGER, intx.trigger.as_raw_fd())?;
+        self.set_irq(VFIO_IRQ_SET_ACTION_UNMASK, intx.resample.as_raw_fd())?;
+        Ok(intx)
+    }
+
+    fn inherited_intx(
+        &self,
+        index: usize,
+        take: &dyn Fn(&str) -> Option<OwnedFd>,
+    ) -> Result<Intx, DeviceError> {
+        let (t, r) = eventfd_names(index);
+        let get = |n: &str| {
+            take(n).map(|fd| {
+                // SAFETY: the hand-over names this fd as an eventfd the previous process created;
+                // ownership moves into the EventFd.
+                unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+            })
+        };
+        match (get(&t), get(&r)) {
+            (Some(trigger), Some(resample)) => Ok(Intx { trigger, resample }),
+            _ => Err(DeviceError::EventFd {
+                device: self.name.clone(),
+                source: std::io::Error::other("the cpr-exec hand-over lacks the INTx eventfds"),
+            }),
+        }
+    }
+
+    fn set_irq(&self, action: u32, fd: RawFd) -> Result<(), DeviceError> {
+        let mut set = IrqSetOne {
+            argsz: std::mem::size_of::<IrqSetOne>() as u32,
+            flags: VFIO_IRQ_SET_DATA_EVENTFD | action,
+            index: VFIO_PCI_INTX_IRQ_INDEX,
+            start: 0,
+            count: 1,
+            fd,
+        };
+        ioctl_ptr(self.fd.as_raw_fd(), VFIO_DEVICE_SET_IRQS, &mut set)
+            .map(drop)
+            .map_err(|errno| DeviceError::Ioctl {
+                device: self.name.clone(),
+                op: "VFIO_DEVICE_SET_IRQS",
+                errno,
+            })
+    }
+
+    /// Registers INTx with `vm` (KVM irqfd with resample). Called once per VM.
+    pub fn wire(&mut self, vm: &VmFd) -> Result<(), DeviceError> {
+        if let Some(intx) = &self.intx {
+            vm.register_irqfd_with_resample(&intx.trigger, &intx.resample, self.gsi)
+                .map_err(|source| DeviceError::Irqfd {
+                    device: self.name.clone(),
+                    gsi: self.gsi,
+                    source,
+                })?;
+            self.wired = true;
+        }
+        Ok(())
+    }
+
+    /// The fds a cpr-exec successor needs, as device `index`.
+    pub fn handover_fds(&self, index: usize) -> Vec<(String, RawFd)> {
+        let mut fds = vec![(super::fd_names::device(index), self.fd.as_raw_fd())];
+        if let Some(intx) = &self.intx {
+            let (t, r) = eventfd_names(index);
+            fds.push((t, intx.trigger.as_raw_fd()));
+            fds.push((r, intx.resample.as_raw_fd()));
+        }
+        fds
+    }
+
+    /// The memory BARs the guest sees.
+    pub fn bars(&self) -> &[Bar] {
+        &self.bars
+    }
+
+    /// The GSI of INTx pin A.
+    pub fn gsi(&self) -> u32 {
+        self.gsi
+    }
+
+    fn probe_bars(&self) -> Vec<Bar> {
+        let mut bars = Vec::new();
+        let mut skip_next = false;
+        for &(index, region) in &self.regions {
+            if std::mem::take(&mut skip_next) && index > 0 {
+                continue;
+            }
+            let reg = self.read_config_dword(PCI_BAR0 + 4 * index as u16);
+            if reg & 1 != 0 {
+                warn!(device = %self.name, bar = index, "I/O-port BARs are not passed through; the guest will not see this one");
+                continue;
+            }
+            let is64 = reg >> 1 & 3 == 2;
+            skip_next = is64;
+            bars.push(Bar {
+                index,
+                gpa: 0,
+                size: region.size.next_power_of_two().max(4096),
+                region_offset: region.offset,
+                flags: reg & 0xf,
+                is64,
+            });
+        }
+        bars
+    }
+
+    fn pread(&self, offset: u64, buf: &mut [u8]) -> bool {
+        // SAFETY: `buf` is valid for writes of its length.
+        let n = unsafe {
+            libc::pread(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
+        };
+        n == buf.len() as isize
+    }
+
+    fn pwrite(&self, offset: u64, buf: &[u8]) -> bool {
+        // SAFETY: `buf` is valid for reads of its length.
+        let n = unsafe {
+            libc::pwrite(
+                self.fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
+        };
+        n == buf.len() as isize
+    }
+
+    fn read_config_dword(&self, offset: u16) -> u32 {
+        let mut b = [0xffu8; 4];
+        if !self.pread(self.config.offset + u64::from(offset), &mut b) {
+            debug!(device = %self.name, offset, "config read failed");
+            return u32::MAX;
+        }
+        u32::from_le_bytes(b)
+    }
+
+    /// The config dword at `offset` as the guest sees it.
+    fn guest_config_dword(&self, offset: u16) -> u32 {
+        match offset {
+            PCI_COMMAND => self.read_config_dword(offset) & !PCI_STATUS_CAP_LIST,
+            0x10..=0x24 => {
+                let slot = usize::from((offset - PCI_BAR0) / 4);
+                let bar = self
+                    .bars
+                    .iter()
+                    .find(|b| b.index == slot || (b.is64 && b.index + 1 == slot));
+                match bar {
+                    None => 0,
+                    Some(b) => {
+                        let upper = b.index != slot;
+                        let value = if self.sizing[slot] {
+                            !(b.size - 1)
+                        } else {
+                            b.gpa
+                        };
+                        if upper {
+                            (value >> 32) as u32
+                        } else {
+                            (value as u32 & !0xf) | b.flags
+                        }
+                    }
+                }
+            }
+            PCI_ROM | PCI_CAP_PTR => 0,
+            PCI_INTERRUPT_LINE => {
+                let v = self.read_config_dword(offset);
+                let line = if self.intx.is_some() {
+                    self.gsi & 0xff
+                } else {
+                    0xff
+                };
+                (v & !0xff) | line
+            }
+            o if u64::from(o) >= self.config.size.min(256) => u32::MAX,
+            // Beyond the standard header: capabilities are hidden, so nothing the guest needs.
+            o if o >= 0x40 => 0,
+            o => self.read_config_dword(o),
+        }
+    }
+
+    /// A guest config-space read of `data.len()` bytes at `offset`.
+    pub fn config_read(&self, offset: u16, data: &mut [u8]) {
+        let dword = self.guest_config_dword(offset & !3).to_le_bytes();
+        let start = usize::from(offset & 3);
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = dword.get(start + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    /// A guest config-space write.
+    pub fn config_write(&mut self, offset: u16, data: &[u8]) {
+        let aligned = offset & !3;
+        match aligned {
+            0x10..=0x24 => {
+                let slot = usize::from((aligned - PCI_BAR0) / 4);
+                let mut v = [0u8; 4];
+                let start = usize::from(offset & 3);
+                for (i, b) in data.iter().enumerate() {
+                    if let Some(x) = v.get_mut(start + i) {
+                        *x = *b;
+                    }
+                }
+                let written = u32::from_le_bytes(v);
+                // All ones in the address bits starts sizing; anything else ends it. The BAR
+                // stays where vmmd put it (the guest only rediscovers it).
+                self.sizing[slot] = written | 0xf == u32::MAX;
+                if !self.sizing[slot] {
+                    let current = self.guest_config_dword(aligned) & !0xf;
+                    if written & !0xf != current {
+                        debug!(device = %self.name, bar = slot, written = format!("{written:#x}"), "BAR move ignored");
+                    }
+                }
+            }
+            // The VMM owns the ROM BAR, the capability pointer and the interrupt line/pin.
+            PCI_ROM | PCI_CAP_PTR | PCI_INTERRUPT_LINE => {}
+            _ if offset >= 0x40 => {}
+            _ => {
+                if !self.pwrite(self.config.offset + u64::from(offset), data) {
+                    debug!(device = %self.name, offset, "config write failed");
+                }
+            }
+        }
+    }
+
+    fn bar_at(&self, gpa: u64, len: usize) -> Option<(&Bar, u64)> {
+        self.bars
+            .iter()
+            .find(|b| b.gpa != 0 && gpa >= b.gpa && gpa + len as u64 <= b.gpa + b.size)
+            .map(|b| (b, gpa - b.gpa))
+    }
+
+    /// A guest MMIO read; false when `gpa` is not in one of this device's BARs.
+    pub fn mmio_read(&self, gpa: u64, data: &mut [u8]) -> bool {
+        let Some((bar, off)) = self.bar_at(gpa, data.len()) else {
+            return false;
+        };
+        if !self.pread(bar.region_offset + off, data) {
+            data.fill(0xff);
+        }
+        true
+    }
+
+    /// A guest MMIO write; false when `gpa` is not in one of this device's BARs.
+    pub fn mmio_write(&self, gpa: u64, data: &[u8]) -> bool {
+        let Some((bar, off)) = self.bar_at(gpa, data.len()) else {
+            return false;
+        };
+        if !self.pwrite(bar.region_offset + off, data) {
+            debug!(device = %self.name, gpa, "BAR write failed");
+        }
+        true
+    }
+}
+
+/// Places every device's memory BARs in `[base, end)`, each aligned to its size.
+pub fn assign_bars<'a>(
+    devices: impl Iterator<Item = &'a mut PassthroughDevice>,
+    base: u64,
+    end: u64,
+) -> Result<(), DeviceError> {
+    let mut next = base;
+    for dev in devices {
+        for bar in &mut dev.bars {
+            let at = next.next_multiple_of(bar.size);
+            if at + bar.size > end {
+                return Err(DeviceError::NoRoom {
+                    device: dev.name.clone(),
+                    bar: bar.index,
+                    size: bar.size,
+                });
+            }
+            bar.gpa = at;
+            next = at + bar.size;
+        }
+    }
+    Ok(())
+}

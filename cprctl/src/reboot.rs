@@ -977,10 +977,17 @@ impl Prep<'_> {
                 run_state: run_state_name(info.run_state),
             });
         }
-        if !info.cpr_reboot_blockers.is_empty() {
-            return Err(RebootError::Blocked {
-                blockers: info.cpr_reboot_blockers.clone(),
-            });
+        // Blockers that suspending clears are checked again by vmmd after the suspend step.
+        let blockers: Vec<String> = info
+            .cpr_reboot_blockers
+            .iter()
+            .filter(|b| {
+                !(self.args.wants_suspend() && b.starts_with(cpr_common::BLOCKER_UNTIL_SUSPENDED))
+            })
+            .cloned()
+            .collect();
+        if !blockers.is_empty() {
+            return Err(RebootError::Blocked { blockers });
         }
         let config = info.config.clone().unwrap_or_default();
         let ram = PathBuf::from(&config.memory_path);

@@ -37,9 +37,18 @@ const POLL_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause between Info polls while waiting for the new process.
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
 /// vmmd flags that do not shape the VM but should stay as they were on the new process.
-const CARRIED_FLAGS_WITH_VALUE: &[&str] = &["--log-level", "--cpr-incoming-timeout"];
+const CARRIED_FLAGS_WITH_VALUE: &[&str] = &[
+    "--log-level",
+    "--cpr-incoming-timeout",
+    "--device",
+    "--vfio-model",
+];
 /// Switches carried over to the new process.
-const CARRIED_SWITCHES: &[&str] = &["--log-json", "--only-cpr-capable"];
+const CARRIED_SWITCHES: &[&str] = &[
+    "--log-json",
+    "--only-cpr-capable",
+    "--vfio-model-without-vaddr",
+];
 
 /// How the new vmmd is told to load the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

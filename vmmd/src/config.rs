@@ -77,7 +77,7 @@ pub struct Cli {
     pub vfio_model: Option<PathBuf>,
     /// Test hook: make a VFIO model call fail, OP[:CONTAINER|*[:NTH[:ERRNO]]] (repeatable).
     #[arg(long, value_name = "FAULT", hide = true)]
-    pub vfio_model_fault: Vec<crate::vfio::model::Fault>,
+    pub vfio_model_fault: Vec<String>,
     /// Test hook: the VFIO model lacks VFIO_UPDATE_VADDR and VFIO_UNMAP_ALL.
     #[arg(long, hide = true)]
     pub vfio_model_without_vaddr: bool,

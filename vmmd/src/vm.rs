@@ -47,6 +47,8 @@ const PROGRESS_EVERY: u64 = 64 << 20;
 const CONSOLE_BUFFER: usize = 1 << 20;
 /// Guest RAM unmapped per step before a cpr-exec (see `GuestRam::drop_host_mappings`).
 const UNMAP_CHUNK: usize = 16 << 20;
+/// Whether the one-shot `--fault-inject vfio-invalidate-twice` has fired in this process.
+static INVALIDATED_TWICE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How vmmd was asked to start the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,6 +109,8 @@ pub enum FaultInjection {
     CrashDuringLoad,
     /// Return an error while loading the state.
     FailLoad,
+    /// Issue the last VFIO container's VADDR invalidation twice (the kernel refuses the second).
+    VfioInvalidateTwice,
 }
 
 /// What a vmmd started by cpr-exec inherits from the previous process.
@@ -781,10 +785,12 @@ impl Vm {
             );
         }
         if self.vfio.is_some() && self.run_state != RunState::Suspended {
-            blockers.push(
-                "VFIO devices keep DMA-ing into guest RAM and their IOMMU mappings do not survive a host                  reboot: suspend the guest first (cprctl reboot-prep --suspend, or system_suspend), then                  retry"
-                    .to_string(),
-            );
+            blockers.push(format!(
+                "{}VFIO devices keep DMA-ing into guest RAM and their IOMMU mappings do not \
+                 survive a host reboot: suspend the guest first (cprctl reboot-prep --suspend, or \
+                 system_suspend), then retry",
+                cpr_common::BLOCKER_UNTIL_SUSPENDED
+            ));
         }
         blockers
     }
@@ -1019,7 +1025,10 @@ impl Vm {
             clock.lap("pause");
             if let Some(v) = &mut self.vfio {
                 self.update_status = "cpr-exec: invalidating VFIO DMA host addresses".into();
-                if let Err(source) = v.invalidate() {
+                // One-shot, so that the next update from this process can succeed.
+                let twice = self.config.fault == Some(FaultInjection::VfioInvalidateTwice)
+                    && !INVALIDATED_TWICE.swap(true, std::sync::atomic::Ordering::Relaxed);
+                if let Err(source) = v.invalidate(twice) {
                     return VmError::VfioDma {
                         step: "invalidate-vaddr",
                         source,
@@ -1396,7 +1405,7 @@ impl Vm {
                 std::process::abort();
             }
             Some(FaultInjection::FailLoad) => return Err(VmError::Injected("fail-load")),
-            None => {}
+            Some(FaultInjection::VfioInvalidateTwice) | None => {}
         }
 
         state.vm.restore(&self.vm_fd)?;

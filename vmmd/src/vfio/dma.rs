@@ -176,12 +176,23 @@ impl DmaSpace {
 
     /// Invalidates the host address of every mapping, container by container (`VFIO_IOMMU_UNMAP_DMA`
     /// with `VADDR | ALL`). When container `k` fails, containers `0..k` get their addresses back.
-    pub fn invalidate(&mut self) -> Result<(), DmaStepError> {
-        for k in 0..self.containers.len() {
-            if let Err(errno) = self.containers[k].ops.invalidate_all_vaddr() {
+    ///
+    /// `repeat_last` (a test hook for real kernels) issues the last container's call twice, as a
+    /// stray duplicate would: the kernel refuses the second, and all containers are restored.
+    pub fn invalidate(&mut self, repeat_last: bool) -> Result<(), DmaStepError> {
+        let n = self.containers.len();
+        for k in 0..n {
+            let ops = &self.containers[k].ops;
+            let repeated = match ops.invalidate_all_vaddr() {
+                Ok(()) if repeat_last && k + 1 == n => {
+                    ops.invalidate_all_vaddr().map_err(|e| (e, k + 1))
+                }
+                r => r.map_err(|e| (e, k)),
+            };
+            if let Err((errno, restore)) = repeated {
                 let failed = call_err(k, ContainerOp::InvalidateVaddr, None)(errno);
                 warn!(%failed, "VADDR invalidation failed; restoring the containers before it");
-                let undo = self.restore_addresses(k);
+                let undo = self.restore_addresses(restore);
                 return Err(DmaStepError { failed, undo });
             }
             debug!(container = k, "VFIO host addresses invalidated");
@@ -272,7 +283,7 @@ impl DmaSpace {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::model::{Backing, Fault, ModelKernel, ModelState};
+    use super::super::model::{Backing, ModelKernel, ModelState};
     use super::*;
 
     /// Two "processes" map the same file: generation g sees file offset o at `g << 40 | o`.
@@ -344,7 +355,8 @@ mod tests {
     /// One update as vmmd does it: invalidate in the old process; exec; re-validate in the new
     /// one, and on failure there, re-validate in the previous binary (generation 3).
     fn update(kernel: &ModelKernel, old: &mut DmaSpace, containers: usize) -> Result<(), String> {
-        old.invalidate().map_err(|e| format!("invalidate: {e}"))?;
+        old.invalidate(false)
+            .map_err(|e| format!("invalidate: {e}"))?;
         let mut new = adopt(kernel, containers, 2);
         if let Err(e) = new.revalidate(|iova| Some(2 << 40 | iova)) {
             assert!(e.undo.is_none(), "{e}");
@@ -388,12 +400,9 @@ mod tests {
                     for nth in 0..calls(op, c) {
                         let kernel = model();
                         let mut old = space(&kernel, containers as usize);
-                        kernel.inject(Fault {
-                            op,
-                            container: Some(c),
-                            nth,
-                            errno: Errno::EFAULT,
-                        });
+                        kernel
+                            .inject(&format!("{}:{c}:{nth}:EFAULT", op.name()))
+                            .unwrap();
                         let err = update(&kernel, &mut old, containers as usize).unwrap_err();
                         assert!(
                             err.contains(&format!("container {c}")) && err.contains("EFAULT"),
@@ -415,7 +424,7 @@ mod tests {
     fn a_failed_save_after_invalidation_restores_the_old_addresses() {
         let kernel = model();
         let mut old = space(&kernel, 3);
-        old.invalidate().unwrap();
+        old.invalidate(false).unwrap();
         assert!(old.is_invalid());
         old.cancel_invalidation().unwrap();
         assert_all_valid_at(&kernel, 1);
@@ -434,7 +443,7 @@ mod tests {
             .unwrap()
             .invalidate_all_vaddr()
             .unwrap();
-        let err = old.invalidate().unwrap_err();
+        let err = old.invalidate(false).unwrap_err();
         assert_eq!(err.failed.container, 1);
         assert_eq!(err.failed.errno, Errno::EINVAL);
         assert!(err.undo.is_none());
@@ -443,14 +452,21 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_invalidation_is_refused_and_every_container_restored() {
+        let kernel = model();
+        let mut old = space(&kernel, 3);
+        let err = old.invalidate(true).unwrap_err();
+        assert_eq!((err.failed.container, err.failed.errno), (2, Errno::EINVAL));
+        assert!(err.undo.is_none(), "{err}");
+        assert_all_valid_at(&kernel, 1);
+        update(&kernel, &mut old, 3).unwrap();
+        assert_all_valid_at(&kernel, 2);
+    }
+
+    #[test]
     fn map_all_undoes_itself() {
         let kernel = model();
-        kernel.inject(Fault {
-            op: ContainerOp::MapDma,
-            container: Some(1),
-            nth: 1,
-            errno: Errno::ENOMEM,
-        });
+        kernel.inject("map-dma:1:1:ENOMEM").unwrap();
         let handles: Vec<Box<dyn ContainerIoctls>> = (0..2)
             .map(|g| {
                 let c = kernel.open_container();

@@ -31,7 +31,7 @@ use vfio_bindings::bindings::vfio::{
 
 use dma::{DmaCallError, DmaMapping, DmaSpace, DmaStepError};
 use ioctls::{ContainerIoctls, KernelContainer};
-use model::{Fault, ModelKernel};
+use model::ModelKernel;
 
 /// One `--device vfio=` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,8 +77,8 @@ pub struct VfioConfig {
     pub devices: Vec<VfioDeviceSpec>,
     /// Test hook: use the model kernel with its state in this file instead of `/dev/vfio`.
     pub model: Option<PathBuf>,
-    /// Test hook: failures the model injects.
-    pub model_faults: Vec<Fault>,
+    /// Test hook: failures the model injects (see [`model::Fault`]), armed at start.
+    pub model_faults: Vec<String>,
     /// Test hook: the model kernel lacks `VFIO_UPDATE_VADDR` and `VFIO_UNMAP_ALL`.
     pub model_without_vaddr: bool,
 }
@@ -341,8 +341,15 @@ impl Vfio {
                 if inherit.is_none() {
                     m.set_vaddr_support(!cfg.model_without_vaddr);
                 }
-                for f in &cfg.model_faults {
-                    m.inject(*f);
+                if inherit.is_none() {
+                    for f in &cfg.model_faults {
+                        m.inject(f).map_err(|detail| {
+                            VfioError::Model(model::ModelError::Corrupt {
+                                path: path.clone(),
+                                detail,
+                            })
+                        })?;
+                    }
                 }
                 Some(m)
             }
@@ -520,8 +527,8 @@ impl Vfio {
 
     /// Before the exec: invalidates every container's host addresses (restoring the first ones
     /// when a later container fails).
-    pub fn invalidate(&mut self) -> Result<(), DmaStepError> {
-        self.dma.invalidate()
+    pub fn invalidate(&mut self, repeat_last: bool) -> Result<(), DmaStepError> {
+        self.dma.invalidate(repeat_last)
     }
 
     /// After a failed save or exec: the host addresses this process invalidated come back.

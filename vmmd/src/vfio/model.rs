@@ -97,6 +97,18 @@ pub struct ModelState {
     pub violations: Vec<String>,
     /// Every call, in order: `container op result`.
     pub log: Vec<String>,
+    /// Armed failures (kept with the state, so a fault can fire in the process after an exec).
+    #[serde(default)]
+    pub faults: Vec<ArmedFault>,
+}
+
+/// A fault in the model's state: its spec (as [`Fault`] parses it) and the matching calls seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArmedFault {
+    /// `OP[:CONTAINER|*[:NTH[:ERRNO]]]`.
+    pub spec: String,
+    /// Matching calls so far.
+    pub seen: u32,
 }
 
 impl Default for ModelState {
@@ -108,6 +120,7 @@ impl Default for ModelState {
             locked: BTreeMap::new(),
             violations: Vec::new(),
             log: Vec::new(),
+            faults: Vec::new(),
         }
     }
 }
@@ -208,7 +221,6 @@ pub type Resolver = dyn Fn(u64, u64) -> Option<Backing> + Send + Sync;
 
 struct Inner {
     state: ModelState,
-    faults: Vec<(Fault, u32)>,
     mm: u64,
 }
 
@@ -291,7 +303,6 @@ impl ModelKernel {
         ModelKernel {
             inner: Arc::new(Mutex::new(Inner {
                 state,
-                faults: Vec::new(),
                 mm: current_mm(),
             })),
             persist,
@@ -339,8 +350,41 @@ impl ModelKernel {
     }
 
     /// Arms a failure.
-    pub fn inject(&self, fault: Fault) {
-        self.lock().faults.push((fault, 0));
+    pub fn inject(&self, fault: &str) -> Result<(), String> {
+        fault.parse::<Fault>()?;
+        let mut inner = self.lock();
+        inner.state.faults.push(ArmedFault {
+            spec: fault.to_string(),
+            seen: 0,
+        });
+        self.persist(&inner.state);
+        Ok(())
+    }
+
+    /// Where a test drops faults for the model whose state is in `state_path`: one spec per line,
+    /// armed at the next call (by whichever process makes it) and then removed.
+    pub fn faults_file(state_path: &Path) -> PathBuf {
+        state_path.with_extension("faults")
+    }
+
+    fn take_dropped_faults(&self, state: &mut ModelState) {
+        let Some(path) = &self.persist else { return };
+        let file = ModelKernel::faults_file(path);
+        let Ok(text) = std::fs::read_to_string(&file) else {
+            return;
+        };
+        let _ = std::fs::remove_file(&file);
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            match line.parse::<Fault>() {
+                Ok(_) => state.faults.push(ArmedFault {
+                    spec: line.to_string(),
+                    seen: 0,
+                }),
+                Err(e) => {
+                    tracing::error!(fault = line, error = %e, "VFIO model: ignoring a bad fault")
+                }
+            }
+        }
     }
 
     /// Pretends the caller is now the program with mm `mm` (tests simulating an `execve`).
@@ -420,12 +464,14 @@ impl ModelKernel {
     ) -> Result<T, Errno> {
         let mut inner = self.lock();
         let mm = inner.mm;
-        let injected = inner.faults.iter_mut().find_map(|(fault, seen)| {
+        self.take_dropped_faults(&mut inner.state);
+        let injected = inner.state.faults.iter_mut().find_map(|armed| {
+            let fault: Fault = armed.spec.parse().ok()?;
             if fault.op != op || fault.container.is_some_and(|c| c != id) {
                 return None;
             }
-            *seen += 1;
-            (*seen - 1 == fault.nth).then_some(fault.errno)
+            armed.seen += 1;
+            (armed.seen - 1 == fault.nth).then_some(fault.errno)
         });
         let result = match injected {
             Some(errno) => Err(errno),
@@ -770,7 +816,8 @@ mod tests {
     #[test]
     fn faults_fire_on_the_nth_matching_call_only() {
         let (k, c) = model();
-        k.inject("map-dma:0:1:EFAULT".parse().unwrap());
+        k.inject("map-dma:0:1:EFAULT").unwrap();
+        assert!(k.inject("nope").is_err());
         assert_eq!(c.map_dma(0, 0x1000, 0x1_0000), Ok(()));
         assert_eq!(c.map_dma(0x1000, 0x1000, 0x1_1000), Err(Errno::EFAULT));
         assert_eq!(c.map_dma(0x1000, 0x1000, 0x1_1000), Ok(()));

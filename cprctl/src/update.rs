@@ -967,6 +967,18 @@ impl Workflow<'_> {
                 self.log.compensated(Step::Exec.name(), t, detail);
             }
         }
+        // VFIO: vmmd undid its DMA step itself (re-mapped the containers it had invalidated, or,
+        // in a new process, invalidated what it had re-mapped before rolling back): show it.
+        let text = error.to_string();
+        if let Some(at) = text.find("VFIO DMA ") {
+            let t = Instant::now();
+            self.log.emit("vfio-dma", "compensating", 0, None);
+            let detail = match text[at..].split_once("; ") {
+                Some((failed, undo)) => format!("{failed}: vmmd says {undo}"),
+                None => text[at..].to_owned(),
+            };
+            self.log.compensated("vfio-dma", t, detail);
+        }
         // Set mode: put the previous parameters back, on the process that has them.
         if self.mode_set && !self.image_changed {
             if let Some(prev) = self.previous_params.clone() {

@@ -227,6 +227,13 @@ fn a_failure_at_every_vfio_call_of_an_update_is_rolled_back() {
                     error.contains(&format!("VFIO container {k}")) && error.contains(errno),
                     "{context}: the report must name the container and errno: {error}"
                 );
+                let steps = r.report["steps"].as_array().cloned().unwrap_or_default();
+                assert!(
+                    steps
+                        .iter()
+                        .any(|st| st["step"] == "vfio-dma" && st["status"] == "compensated"),
+                    "{context}: cprctl must show the VFIO step's compensation: {steps:#?}"
+                );
                 g.assert_guest_intact(&context);
                 g.assert_mappings_valid(&context);
                 let info = info_now(&g.vmm.api_socket).expect("info");

@@ -445,11 +445,13 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Parks the calling vCPU thread while a pause is requested. Returns false when it must exit.
-    fn park_if_requested(&self) -> bool {
+    /// Parks the calling vCPU thread while a pause is requested, after `before_park`. Returns false
+    /// when it must exit.
+    fn park_if_requested(&self, before_park: impl FnOnce()) -> bool {
         if !self.pause_flag.load(Ordering::Acquire) {
             return true;
         }
+        before_park();
         let mut st = self.lock();
         st.parked += 1;
         self.changed.notify_all();
@@ -568,9 +570,25 @@ fn run_vcpu(
         control.pause_from_vcpu();
         let _ = events.send(VcpuEvent::Failed { id, reason });
     };
-    while control.park_if_requested() {
+    // Whether the last exit was port or MMIO I/O, which KVM finishes (RIP past the instruction, an
+    // IN's value in its register) only on the next KVM_RUN.
+    let mut io_pending = false;
+    let complete_io = |pending: &mut bool| {
+        if std::mem::take(pending) {
+            complete_pending_io(&mut fd.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    };
+    while control.park_if_requested(|| complete_io(&mut io_pending)) {
         let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
-        let request = match vcpu.run() {
+        let exit = vcpu.run();
+        io_pending = matches!(
+            exit,
+            Ok(VcpuExit::IoOut(..)
+                | VcpuExit::IoIn(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..))
+        );
+        let request = match exit {
             Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
             Ok(VcpuExit::IoIn(port, data)) => {
                 devices.pio_read(port, data);
@@ -645,6 +663,20 @@ fn run_vcpu(
         }
     }
     KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+/// Finishes an I/O exit before the vCPU parks, so that saved state never points at a half-done
+/// instruction (a restored guest would repeat an OUT or lose an IN's value): KVM_RUN with
+/// `immediate_exit` completes it and returns EINTR without running guest code (KVM API, "kvm_run").
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        other => {
+            debug!(result = ?other.map(|_| ()), "completing an I/O exit returned something else")
+        }
+    }
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 fn internal_error_suberror(run: &kvm_run) -> u32 {

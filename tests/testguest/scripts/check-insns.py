@@ -15,6 +15,8 @@ usage: check-insns.py GUEST_ELF
    VEX-encoded instructions (which would clobber the ymm upper halves fpu.rs checks) may appear
    only in `ymm_swap`. libcore's formatting code is exempt: it is linked but never runs (the
    guest prints without core::fmt).
+3. The interrupt handlers' places: the IDT gate of vector v points at exception_stubs + 16 * v,
+   so timer_interrupt (32) and edu_interrupt (33) must be exactly there.
 Exit status 0 if clean; prints each offending instruction with its function otherwise.
 """
 import re, subprocess, sys
@@ -64,6 +66,17 @@ def section_ranges(elf):
     return ranges
 
 
+def gate_layout(elf):
+    out = subprocess.run(["nm", elf], check=True, capture_output=True, text=True).stdout
+    syms = {p[2]: int(p[0], 16) for p in (l.split() for l in out.splitlines()) if len(p) == 3}
+    base = syms.get("exception_stubs")
+    bad = []
+    for name, vec in (("timer_interrupt", 32), ("edu_interrupt", 33)):
+        if base is None or syms.get(name) != base + 16 * vec:
+            bad.append(f"{name} is not at exception_stubs + 16 * {vec}   [IDT gate {vec} misses it]")
+    return bad
+
+
 def main():
     elf = sys.argv[1]
     ranges = section_ranges(elf)
@@ -97,6 +110,7 @@ def main():
             why = "xmm8..15 are reserved for fpu.rs"
         if why and not any(k in func for k in NEVER_RUN):
             bad.append(f".text {addr:x}: {mnem} {ops}   [{why}] in {func}")
+    bad += gate_layout(elf)
     for b in bad:
         print(b)
     print(f"{len(bad)} problem(s)" if bad else f"ok: {count} CPL-0 instructions, all allowed; CPL-3 code leaves xmm8..15 and ymm alone")

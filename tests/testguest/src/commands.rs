@@ -1,8 +1,9 @@
 //! The BSP's main loop: heartbeats, its own arena and FPU checks, failure lines, and the
-//! commands read from COM1 (`v`, `c`, `s`, `q`; every other byte is ignored).
+//! commands read from COM1 (`v`, `c`, `d`, `s`, `q`; every other byte is ignored).
 
 use crate::arena;
 use crate::cpu::{halt_forever, rdtsc};
+use crate::edu;
 use crate::fpu::Fpu;
 use crate::memory::{self, Layout};
 use crate::pm::Pm;
@@ -37,7 +38,7 @@ impl Heartbeat {
     }
 
     /// TSC ticks until the next heartbeat is due (0 if it is due now).
-    fn remaining(&self, now: u64) -> u64 {
+    pub fn remaining(&self, now: u64) -> u64 {
         self.period.saturating_sub(now.wrapping_sub(self.last))
     }
 
@@ -112,6 +113,7 @@ impl Bsp {
         match byte {
             b'v' => self.verify(),
             b'c' => self.counters(),
+            b'd' => edu::check(self.seed, &mut self.hb),
             b's' => self.suspend(),
             b'q' => self.poweroff(),
             _ => {}

@@ -32,6 +32,24 @@ pub fn outw(port: u16, v: u16) {
     };
 }
 
+/// Reads a 32-bit doubleword from an I/O port (PCI configuration data).
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    v
+}
+
+/// Writes a 32-bit doubleword to an I/O port (PCI configuration address and data).
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// Reads the time-stamp counter.
 #[inline(always)]
 pub fn rdtsc() -> u64 {

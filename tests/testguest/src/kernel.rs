@@ -9,19 +9,24 @@
 //! * `pvh_start32` (.kernel32): the PVH entry (named by the `Xen` ELF note below), entered in
 //!   32-bit protected mode, paging off, `ebx` = `hvm_start_info`. Masks the 8259s, loads our GDT
 //!   and enters long mode on the identity page tables (user-accessible: U/S = 1 at
-//!   every level), which are data built by the assembler.
+//!   every level; the 512 MiB below 4 GiB uncacheable: PCI BARs, IOAPIC, local APIC), which are
+//!   data built by the assembler.
 //! * `ap_trampoline` (.kernel16): real-mode code that `smp` copies to [`TRAMPOLINE_ADDR`]; an AP
 //!   started by INIT/SIPI/SIPI goes real -> protected -> the same long-mode path as the BSP.
-//! * .kernel64: per-CPU setup (CR0/CR4, XCR0 with `xsetbv`, IDT, TSS), the exception handlers and
-//!   the drop to CPL 3 (`iretq`) into `main::bsp_main` / `smp::ap_main` on the CPU's user stack.
+//! * .kernel64: per-CPU setup (CR0/CR4, XCR0 with `xsetbv`, IDT, TSS), the exception handlers,
+//!   the interrupt handlers (local APIC timer, vector 32; the edu device, vector 33, see `edu`)
+//!   and the drop to CPL 3 (`iretq`) into `main::bsp_main` / `smp::ap_main` on the CPU's user
+//!   stack.
 //!
 //! Services for CPL 3:
 //! * Port I/O: each CPU's TSS has an I/O permission bitmap that allows every port, so `in`/`out`
 //!   work at CPL 3 with IOPL = 0 (on PVM, KVM performs them without entering the guest kernel).
 //! * `hlt` at CPL 3 raises #GP; the kernel treats a #GP on a `hlt` instruction from CPL 3 as
-//!   "wait for an interrupt": `sti; hlt; cli`, then it returns past the `hlt`. The only interrupt
-//!   is the local APIC timer (vector 32: its handler just signals end of interrupt), which an AP
-//!   arms before its `hlt` to sleep; without one armed the CPU stays halted for good.
+//!   "wait for an interrupt": `sti; hlt; cli`, then it returns past the `hlt`. The interrupts
+//!   are the local APIC timer (vector 32: its handler just signals end of interrupt), which an AP
+//!   (or the BSP during `d`) arms before its `hlt` to sleep, and the edu device's (vector 33, BSP
+//!   only, only during `d`: the BSP's task priority blocks it otherwise); without one the CPU
+//!   stays halted for good.
 //! * Any other exception prints `PANIC exception vec=0x.. err=0x... rip=0x... cs=0x... rsp=0x...
 //!   cr2=0x... cpu=0x..` on COM1 (from the interrupted context; `cpu` from the kernel stack in use)
 //!   and halts the CPU.
@@ -32,7 +37,7 @@
 //! GDT selectors: 0x08 32-bit code, 0x10 data, 0x18 64-bit kernel code, 0x23 user data, 0x2b
 //! 64-bit user code, 0x30 + 16 * cpu that CPU's TSS.
 
-use crate::{smp, MAX_CPUS, STACK_SIZE};
+use crate::{edu, smp, MAX_CPUS, STACK_SIZE};
 
 /// Physical address the AP trampoline is copied to (must be RAM below 1 MiB, 4 KiB aligned).
 pub const TRAMPOLINE_ADDR: usize = 0x8000;
@@ -54,6 +59,9 @@ extern "C" {
     /// First and one-past-last byte of the loaded image (code, data, bss: see `link.ld`).
     pub static __image_start: u8;
     pub static __image_end: u8;
+    /// The identity map's 2 MiB page-directory entries: `IDENTITY_MAP_BYTES >> 21` of them, entry
+    /// `i` maps `[i << 21, (i + 1) << 21)`.
+    pub static mut identity_map_pd: u64;
 }
 
 core::arch::global_asm!(
@@ -93,7 +101,7 @@ gdtr:
 .word gdt_end - gdt - 1
 .quad gdt
 idtr:
-.word 33 * 16 - 1               /* the 32 exception vectors and the local APIC timer */
+.word 34 * 16 - 1               /* the 32 exception vectors, the local APIC timer, the edu */
 .quad idt
 
 /* Next CPU index handed to an AP (the BSP is 0). Lives in .data: nothing zeroes it. */
@@ -113,8 +121,10 @@ nl_msg:      .asciz "\n"
 
 /* ---------------------------------------------------------------------------------------------
  * Page tables: an identity map of the first 64 GiB, with U/S = 1 at every level (all memory is
- * reachable from CPL 3) and 2 MiB pages, the 32 MiB just below 4 GiB (IOAPIC, local APIC,
- * firmware) uncacheable as an OS maps device memory. Built by the assembler, not at run time:
+ * reachable from CPL 3) and 2 MiB pages, the 512 MiB just below 4 GiB (PCI BARs such as the edu
+ * device's, which vmmd puts at 0xE0000000-0xFDFFFFFF and SeaBIOS near 0xFE000000; IOAPIC, local
+ * APIC, firmware) uncacheable as an OS maps device memory. (vmmd's RAM ends at 3 GiB, QEMU's at
+ * 0xE0000000 at most, so no RAM is there.) Built by the assembler, not at run time:
  * CPL-0 code is emulated on PVM hosts, where filling 32768 entries one instruction at a time
  * takes most of a second.
  * ------------------------------------------------------------------------------------------- */
@@ -130,10 +140,12 @@ pdpt:
 .set i, i + 1
 .endr
 .skip 4096 - 8 * {gibs}
+.globl identity_map_pd              /* edu.rs makes a BAR outside the uncacheable window UC */
+identity_map_pd:
 pd:
 .set i, 0
 .rept {gibs} * 512
-.if (i >= 0x7f0) && (i < 0x800)
+.if (i >= 0x700) && (i < 0x800)
 .quad (i << 21) + 0x9f          /* present | writable | user | PWT | PCD (uncacheable) | 2 MiB */
 .else
 .quad (i << 21) + 0x87          /* present | writable | user | 2 MiB page */
@@ -148,7 +160,7 @@ pd:
  * ------------------------------------------------------------------------------------------- */
 .pushsection .data.kernel, "aw"
 .balign 4096
-idt:    .skip 33 * 16
+idt:    .skip 34 * 16
 tss:    .skip {tss_stride} * {max_cpus}
 io_bitmap:
         .skip 8192               /* one bit per port, all 0: every port allowed */
@@ -298,7 +310,8 @@ ap_long:
     jmp enter_user
 
 /* Once, on the BSP: TSS descriptors and TSSs for every CPU (RSP0 = its kernel stack, the shared
- * I/O bitmap that allows every port), and the IDT (32 exception vectors, DPL 0 interrupt gates).
+ * I/O bitmap that allows every port), and the IDT (32 exception vectors, the local APIC timer and
+ * the edu device's interrupt: DPL 0 interrupt gates).
  * Clobbers rax, rcx, rdx, rdi, r8, r9, r10. */
 kernel_setup:
     leaq tss(%rip), %r10            /* r10 = this TSS */
@@ -329,7 +342,7 @@ kernel_setup:
 
     leaq exception_stubs(%rip), %rax   /* vector i's handler is at exception_stubs + 16 * i */
     leaq idt(%rip), %rdi
-    movl $33, %ecx
+    movl $34, %ecx
 2:  movw %ax, (%rdi)                /* offset 15:0 */
     movw $0x18, 2(%rdi)             /* kernel code selector */
     movw $0x8e00, 4(%rdi)           /* present, DPL 0, 64-bit interrupt gate */
@@ -411,13 +424,38 @@ exception_stubs:
 .endr
 
 /* Vector 32, right after the stubs (each under 16 bytes, so this is exception_stubs + 32 * 16;
- * kernel_setup fills 33 gates): the local APIC timer, which only wakes a CPU from
- * wait_for_interrupt. */
+ * kernel_setup fills 34 gates; scripts/check-insns.py checks both offsets): the local APIC timer,
+ * which only wakes a CPU from wait_for_interrupt. */
 .balign 16
 timer_interrupt:
     pushq %rax
     movl $0xfee000b0, %eax          /* local APIC end-of-interrupt register */
     movl $0, (%rax)
+    popq %rax
+    iretq
+
+/* Vector 33 (exception_stubs + 33 * 16: the timer's handler is under 16 bytes): the edu PCI
+ * device's INTx, routed by the IOAPIC to the BSP only (src/edu.rs), which takes it only while it
+ * waits in wait_for_interrupt for a `d` step. Acknowledges everything the device reports (it then
+ * lowers its level-triggered line), records it for CPL 3, counts the interrupt unless the device
+ * had nothing to report (a spurious one: the line shared, or delivered again), then signals end of
+ * interrupt (which, for a level-triggered IOAPIC entry, also re-arms the entry). */
+.balign 16
+edu_interrupt:
+    pushq %rax
+    pushq %rcx
+    movq {edu_mmio}(%rip), %rax     /* the device's BAR0: 0 until CPL 3 has found it */
+    testq %rax, %rax
+    jz 1f
+    movl 0x24(%rax), %ecx           /* interrupt status */
+    movl %ecx, 0x64(%rax)           /* interrupt acknowledge: clears those bits */
+    testl %ecx, %ecx
+    jz 1f
+    orl %ecx, {edu_seen}(%rip)
+    incq {edu_irqs}(%rip)
+1:  movl $0xfee000b0, %eax          /* local APIC end-of-interrupt register */
+    movl $0, (%rax)
+    popq %rcx
     popq %rax
     iretq
 
@@ -468,8 +506,8 @@ halt:
 
 /* A `hlt` at CPL 3 raised the #GP whose frame is on the stack: halt until an interrupt, with
  * interrupts enabled only here (`sti; hlt` takes an interrupt already pending only once halted),
- * then return past the `hlt`. The only interrupt is the local APIC timer, which CPL 3 arms before
- * its `hlt` to sleep; without one armed the CPU stays halted. */
+ * then return past the `hlt`. The interrupts are the local APIC timer, which CPL 3 arms before
+ * its `hlt` to sleep, and (BSP, during `d`) the edu device's; without one the CPU stays halted. */
 wait_for_interrupt:
     sti
     hlt
@@ -610,6 +648,9 @@ rust_eh_personality:
     max_cpus = const MAX_CPUS,
     bsp_main = sym crate::bsp_main,
     ap_main = sym smp::ap_main,
+    edu_mmio = sym edu::EDU_MMIO,
+    edu_seen = sym edu::EDU_SEEN,
+    edu_irqs = sym edu::EDU_IRQS,
     options(att_syntax)
 );
 

@@ -14,7 +14,8 @@
 //! Modules: `kernel` (the above, plus mem* for the compiler), `cpu` (port I/O, TSC), `uart`
 //! (COM1), `time` (TSC calibration), `pvh` (start info), `pm` (ACPI: S3/S5, CPU count), `memory`
 //! (static pattern), `arena` (mutation arenas), `fpu` (register checks), `smp` (APs, their
-//! sleep), `report` (failure log), `commands` (BSP main loop and commands).
+//! sleep), `report` (failure log), `commands` (BSP main loop and commands), `pci` (configuration
+//! mechanism #1), `edu` (QEMU's edu device: the `d` DMA/interrupt check).
 
 #![no_std]
 #![no_main]
@@ -22,9 +23,11 @@
 mod arena;
 mod commands;
 mod cpu;
+mod edu;
 mod fpu;
 mod kernel;
 mod memory;
+mod pci;
 mod pm;
 mod pvh;
 mod report;

@@ -18,8 +18,8 @@ use core::arch::asm;
 use core::ptr::{read_volatile, write_volatile};
 use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::*};
 
-const LAPIC_BASE: usize = 0xfee0_0000;
-const LAPIC_SVR: usize = 0xf0; // spurious-interrupt vector register
+pub const LAPIC_BASE: usize = 0xfee0_0000;
+pub const LAPIC_SVR: usize = 0xf0; // spurious-interrupt vector register
 const LAPIC_ICR_LO: usize = 0x300;
 const LAPIC_ICR_HI: usize = 0x310;
 const ICR_ALL_EXCLUDING_SELF: u32 = 0b11 << 18;
@@ -27,14 +27,14 @@ const ICR_LEVEL_ASSERT: u32 = 1 << 14;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 const ICR_INIT: u32 = 0b101 << 8;
 const ICR_STARTUP: u32 = 0b110 << 8;
-const LAPIC_LVT_TIMER: usize = 0x320;
-const LAPIC_TIMER_INITIAL: usize = 0x380;
+pub const LAPIC_LVT_TIMER: usize = 0x320;
+pub const LAPIC_TIMER_INITIAL: usize = 0x380;
 const LAPIC_TIMER_CURRENT: usize = 0x390;
-const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
-const TIMER_DIVIDE_BY_1: u32 = 0xb;
+pub const LAPIC_TIMER_DIVIDE: usize = 0x3e0;
+pub const TIMER_DIVIDE_BY_1: u32 = 0xb;
 const LVT_MASKED: u32 = 1 << 16;
 /// The IDT vector of the local APIC timer (see `kernel.rs`).
-const TIMER_VECTOR: u32 = 32;
+pub const TIMER_VECTOR: u32 = 32;
 
 /// How long an AP sleeps after each iteration (its hold window is 200 us).
 pub const AP_SLEEP_US: u64 = 800;
@@ -50,12 +50,12 @@ static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
 /// not count, and then APs do not sleep.
 static TIMER_TICKS_PER_MS: AtomicU64 = AtomicU64::new(0);
 
-fn lapic_read(reg: usize) -> u32 {
+pub fn lapic_read(reg: usize) -> u32 {
     // SAFETY: the local APIC page is identity mapped (uncacheable).
     unsafe { read_volatile((LAPIC_BASE + reg) as *const u32) }
 }
 
-fn lapic_write(reg: usize, v: u32) {
+pub fn lapic_write(reg: usize, v: u32) {
     // SAFETY: as in `lapic_read`.
     unsafe { write_volatile((LAPIC_BASE + reg) as *mut u32, v) }
 }
@@ -106,8 +106,9 @@ pub fn start_aps(expected: Option<usize>) -> usize {
     1 + CHECKED_IN.load(Acquire).min(MAX_CPUS - 1)
 }
 
-/// Measures the local APIC timer's rate against the TSC over 1 ms, masked (no interrupt).
-fn calibrate_timer() {
+/// Measures the local APIC timer's rate against the TSC over 1 ms, masked (no interrupt). Run
+/// by the BSP before it starts APs, or by `edu` on the BSP the first time it needs the timer.
+pub fn calibrate_timer() {
     lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
     lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | TIMER_VECTOR);
     lapic_write(LAPIC_TIMER_INITIAL, u32::MAX);
@@ -115,6 +116,11 @@ fn calibrate_timer() {
     let ticks = u32::MAX - lapic_read(LAPIC_TIMER_CURRENT);
     lapic_write(LAPIC_TIMER_INITIAL, 0); // stop it
     TIMER_TICKS_PER_MS.store(ticks as u64, Release);
+}
+
+/// Local APIC timer ticks per millisecond (0: not measured yet, or the timer does not count).
+pub fn timer_ticks_per_ms() -> u64 {
+    TIMER_TICKS_PER_MS.load(Acquire)
 }
 
 /// Sleeps about `us` microseconds: arms this CPU's local APIC timer (one-shot) and executes

@@ -135,6 +135,14 @@ impl Line {
         self
     }
 
+    /// The low `digits` hex digits of a number (lowercase, zero-padded).
+    pub fn hexn(mut self, v: u64, digits: u32) -> Line {
+        for i in (0..digits).rev() {
+            self = self.byte(hex_digit(v >> (i * 4)));
+        }
+        self
+    }
+
     /// A number as `0x` and the fewest hex digits.
     pub fn addr(self, v: u64) -> Line {
         let mut l = self.s("0x");

@@ -394,7 +394,10 @@ cpu_setup:
     ret
 
 /* Drops to CPL 3: jumps to rsi with rdi as its first argument, on the user stack whose top is
- * rdx (as if called: rsp = top - 8), RFLAGS = 0x2 (IF = 0, IOPL = 0). */
+ * rdx (as if called: rsp = top - 8), RFLAGS = 0x3002 (IF = 0, IOPL = 3). IOPL 3 as well as the
+ * TSS I/O bitmap: PVM only honours the bitmap, and QEMU's TCG only accepts the bitmap of an
+ * "available" (type 9) TSS, while KVM on SVM saves and restores TR as busy (type 11), so after a
+ * state restore only IOPL lets CPL-3 port I/O through under TCG. */
 enter_user:
     xorl %eax, %eax
     movw %ax, %ds
@@ -402,7 +405,7 @@ enter_user:
     pushq $0x23                     /* SS */
     leaq -8(%rdx), %rax
     pushq %rax                      /* RSP */
-    pushq $0x2                      /* RFLAGS */
+    pushq $0x3002                   /* RFLAGS: IOPL 3 */
     pushq $0x2b                     /* CS */
     pushq %rsi                      /* RIP */
     iretq

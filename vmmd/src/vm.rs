@@ -1199,6 +1199,9 @@ impl Vm {
         );
         if let Some(v) = &self.vfio {
             fds.extend(v.handover_fds());
+            for (i, dev) in self.devices.pci().devices().iter().enumerate() {
+                fds.extend(dev.handover_fds(i));
+            }
         }
         let argv: Vec<String> = std::env::args().collect();
         let handover = CprHandover {

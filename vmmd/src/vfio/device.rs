@@ -31,7 +31,7 @@ use super::ioctls::{
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// A device ioctl failed.
-    #[error("VFIO device {device}: {op} failed with {errno} ({})", errno.desc())]
+    #[error("VFIO device {device}: {op} failed with {errno}")]
     Ioctl {
         /// The device.
         device: String,

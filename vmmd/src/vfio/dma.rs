@@ -24,7 +24,7 @@ pub struct DmaMapping {
 
 /// A VFIO call on the update path that failed, and where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("VFIO container {container}: {} failed with {errno} ({}){}", op.ioctl(), errno.desc(), at.map(|iova| format!(" for iova {iova:#x}")).unwrap_or_default())]
+#[error("VFIO container {container}: {} failed with {errno}{}", op.ioctl(), at.map(|iova| format!(" for iova {iova:#x}")).unwrap_or_default())]
 pub struct DmaCallError {
     /// Index of the container (in the order of `--device` options).
     pub container: usize,

@@ -113,7 +113,7 @@ pub enum VfioError {
         group: u32,
     },
     /// A container or group ioctl failed.
-    #[error("VFIO {what} failed with {errno} ({})", errno.desc())]
+    #[error("VFIO {what} failed with {errno}")]
     Ioctl {
         /// What was done.
         what: String,
@@ -480,8 +480,7 @@ impl Vfio {
                          mappings cannot survive an exec; use a newer host kernel or stop the guest to update"
                     )),
                     Err(e) => blockers.push(format!(
-                        "VFIO container {k}: VFIO_CHECK_EXTENSION({name}) failed with {e} ({})",
-                        e.desc()
+                        "VFIO container {k}: VFIO_CHECK_EXTENSION({name}) failed with {e}"
                     )),
                 }
             }
@@ -496,7 +495,8 @@ impl Vfio {
         blockers
     }
 
-    /// The fds a cpr-exec successor needs, by hand-over name.
+    /// The container and group fds a cpr-exec successor needs, by hand-over name (the devices'
+    /// fds come from [`device::PassthroughDevice::handover_fds`], wherever the devices live).
     pub fn handover_fds(&self) -> Vec<(String, RawFd)> {
         let mut fds: Vec<(String, RawFd)> = self
             .dma
@@ -507,11 +507,6 @@ impl Vfio {
         for g in &self.groups {
             if let Some(fd) = &g.fd {
                 fds.push((fd_names::group(g.id), fd.as_raw_fd()));
-            }
-        }
-        for (i, d) in self.devices.iter().enumerate() {
-            if let Some(pci) = &d.pci {
-                fds.extend(pci.handover_fds(i));
             }
         }
         fds

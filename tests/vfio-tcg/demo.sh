@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # One command: build vmmd/cprctl/cpr-testguest (release), pack them with demo-test.sh into the
 # initramfs and boot it under QEMU TCG (run.sh). Extra arguments go to run.sh (e.g. --edu 2, --smp 2).
-# Env: CPR_BIN_DIR (use these binaries, no cargo build), CARGO_TARGET_DIR, CACHE, plus run.sh's.
+# Env: TEST (the /test.sh to pack, default demo-test.sh), CPR_BIN_DIR (use these binaries, no cargo
+# build), CARGO_TARGET_DIR, CACHE, plus run.sh's.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 CACHE=${CACHE:-/var/cache/cpr-tests/vfio-tcg}
-OUT=$CACHE/demo
+TEST=${TEST:-$HERE/demo-test.sh}
+OUT=$CACHE/$(basename "$TEST" .sh)
 if [ -n "${CPR_BIN_DIR:-}" ]; then
     BIN=$CPR_BIN_DIR
 else
@@ -18,5 +20,5 @@ for b in vmmd cprctl cpr-testguest; do
     [ -f "$BIN/$b" ] || { echo "demo.sh: error: $BIN/$b missing" >&2; exit 2; }
 done
 "$HERE/build-initramfs.sh" --out "$OUT" --bin "$BIN/vmmd" --bin "$BIN/cprctl" \
-    --file "$BIN/cpr-testguest:/bin/cpr-testguest" --test "$HERE/demo-test.sh"
+    --file "$BIN/cpr-testguest:/bin/cpr-testguest" --test "$TEST"
 exec "$HERE/run.sh" --kernel "$OUT/vmlinuz" --initrd "$OUT/initramfs.cpio.gz" "$@"

@@ -1,22 +1,6 @@
 #!/usr/bin/env bash
-# One command: build vmmd/cprctl/cpr-testguest (release), pack them with vfio-test.sh (the VFIO end-to-end run) into the
-# initramfs and boot it under QEMU TCG (run.sh). Extra arguments go to run.sh (e.g. --edu 2, --smp 2).
-# Env: CPR_BIN_DIR (use these binaries, no cargo build), CARGO_TARGET_DIR, CACHE, plus run.sh's.
+# One command for the VFIO end-to-end run: demo.sh with vfio-test.sh as the guest's /test.sh (build,
+# pack, boot under QEMU TCG). Run with --edu 2 for two devices in two containers.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
-CACHE=${CACHE:-/var/cache/cpr-tests/vfio-tcg}
-OUT=$CACHE/vfio-e2e
-if [ -n "${CPR_BIN_DIR:-}" ]; then
-    BIN=$CPR_BIN_DIR
-else
-    command -v cargo >/dev/null || { echo "vfio-e2e.sh: error: cargo not found (or set CPR_BIN_DIR)" >&2; exit 2; }
-    (cd "$REPO" && cargo build --release -p vmmd -p cprctl -p cpr-testguest)
-    BIN=${CARGO_TARGET_DIR:-$REPO/target}/release
-fi
-for b in vmmd cprctl cpr-testguest; do
-    [ -f "$BIN/$b" ] || { echo "vfio-e2e.sh: error: $BIN/$b missing" >&2; exit 2; }
-done
-"$HERE/build-initramfs.sh" --out "$OUT" --bin "$BIN/vmmd" --bin "$BIN/cprctl" \
-    --file "$BIN/cpr-testguest:/bin/cpr-testguest" --test "$HERE/vfio-test.sh"
-exec "$HERE/run.sh" --kernel "$OUT/vmlinuz" --initrd "$OUT/initramfs.cpio.gz" "$@"
+TEST="$HERE/vfio-test.sh" exec "$HERE/demo.sh" "$@"

@@ -384,6 +384,9 @@ pub struct Vm {
     devices: Arc<Devices>,
     console: Option<Console>,
     vm_fd: VmFd,
+    /// VFIO containers and DMA mappings (the devices themselves are on the PCI bus); closed before
+    /// guest RAM is unmapped, so the pinned pages are released first.
+    vfio: Option<Vfio>,
     ram: GuestRam,
     config: VmConfig,
     msr_indices: Vec<u32>,
@@ -399,8 +402,6 @@ pub struct Vm {
     saved_from: Option<SavedRunState>,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
-    /// VFIO containers and DMA mappings (the devices themselves are on the PCI bus).
-    vfio: Option<Vfio>,
     _kvm: Kvm,
 }
 

@@ -559,11 +559,6 @@ impl Vfio {
         self.dma.is_invalid()
     }
 
-    /// The passthrough PCI devices (none with the model).
-    pub fn pci_devices(&mut self) -> impl Iterator<Item = &mut device::PassthroughDevice> {
-        self.devices.iter_mut().filter_map(|d| d.pci.as_mut())
-    }
-
     /// Takes the passthrough PCI devices out (they move to the device bus).
     pub fn take_pci_devices(&mut self) -> Vec<device::PassthroughDevice> {
         self.devices

@@ -11,23 +11,10 @@ VMMD=/bin/vmmd
 CPRCTL=/bin/cprctl
 GUEST=/bin/cpr-testguest
 
-up() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.2f", b - a}'; }
+PREFIX=DEMO
+# shellcheck source=lib.sh
+. /lib.sh
 arg() { v=$(tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n1); echo "${v:-$2}"; }
-fail() {
-    echo "DEMO FAIL: $*"
-    [ -f "$D/vmmd.log" ] && { echo "--- vmmd.log (tail)"; tail -n 30 "$D/vmmd.log"; }
-    [ -f "$D/console.out" ] && { echo "--- console (tail)"; tail -c 600 "$D/console.out"; echo; }
-    exit 1
-}
-wait_for() { # PATTERN FILE TIMEOUT_S: wait until FILE contains PATTERN
-    t=$(up)
-    while ! grep -aq "$1" "$2" 2>/dev/null; do
-        [ "$(awk -v a="$t" -v b="$(up)" -v l="$3" 'BEGIN {print (b - a > l)}')" = 1 ] && return 1
-        kill -0 "$VPID" 2>/dev/null || fail "vmmd exited while waiting for '$1'"
-        sleep 0.02
-    done
-}
 
 MEM=$(arg demo.mem 16M)
 VCPUS=$(arg demo.vcpus 1)

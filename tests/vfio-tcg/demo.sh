@@ -20,5 +20,5 @@ for b in vmmd cprctl cpr-testguest; do
     [ -f "$BIN/$b" ] || { echo "demo.sh: error: $BIN/$b missing" >&2; exit 2; }
 done
 "$HERE/build-initramfs.sh" --out "$OUT" --bin "$BIN/vmmd" --bin "$BIN/cprctl" \
-    --file "$BIN/cpr-testguest:/bin/cpr-testguest" --test "$TEST"
+    --file "$BIN/cpr-testguest:/bin/cpr-testguest" --file "$HERE/lib.sh:/lib.sh" --test "$TEST"
 exec "$HERE/run.sh" --kernel "$OUT/vmlinuz" --initrd "$OUT/initramfs.cpio.gz" "$@"

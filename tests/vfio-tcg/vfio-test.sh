@@ -17,23 +17,10 @@ VMMD=/bin/vmmd
 CPRCTL=/bin/cprctl
 GUEST=/bin/cpr-testguest
 
-up() { cut -d' ' -f1 /proc/uptime; }
-since() { awk -v a="$1" -v b="$(up)" 'BEGIN {printf "%.2f", b - a}'; }
+PREFIX=VFIO-E2E
+# shellcheck source=lib.sh
+. /lib.sh
 say() { echo "VFIO-E2E $*"; }
-fail() {
-    say "FAIL: $*"
-    [ -f "$D/vmmd.log" ] && { echo "--- vmmd.log (tail)"; tail -n 40 "$D/vmmd.log"; }
-    [ -f "$D/console.out" ] && { echo "--- console (tail)"; tail -c 800 "$D/console.out" | tr -d .; echo; }
-    exit 1
-}
-wait_for() { # PATTERN FILE TIMEOUT_S
-    t=$(up)
-    while ! grep -aq "$1" "$2" 2>/dev/null; do
-        [ "$(awk -v a="$t" -v b="$(up)" -v l="$3" 'BEGIN {print (b - a > l)}')" = 1 ] && return 1
-        kill -0 "$VPID" 2>/dev/null || fail "vmmd exited while waiting for '$1'"
-        sleep 0.05
-    done
-}
 # ask CMD PREFIX N: send the command byte, wait for the N-th whole line starting with PREFIX (the
 # guest frames each line as "\n<LINE>\n"; heartbeat dots never share it), print it.
 lines() { tr -d '\r' <"$D/console.out" | sed '$d' | grep -a "^$1"; }

@@ -76,7 +76,7 @@ pub struct Cli {
     #[arg(long, value_name = "PATH", hide = true)]
     pub vfio_model: Option<PathBuf>,
     /// Test hook: make a VFIO model call fail, OP[:CONTAINER|*[:NTH[:ERRNO]]] (repeatable).
-    #[arg(long, value_name = "FAULT", hide = true)]
+    #[arg(long, value_name = "FAULT", hide = true, value_parser = crate::vfio::model::fault_spec)]
     pub vfio_model_fault: Vec<String>,
     /// Test hook: the VFIO model lacks VFIO_UPDATE_VADDR and VFIO_UNMAP_ALL.
     #[arg(long, hide = true)]

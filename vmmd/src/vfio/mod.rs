@@ -343,12 +343,7 @@ impl Vfio {
                 }
                 if inherit.is_none() {
                     for f in &cfg.model_faults {
-                        m.inject(f).map_err(|detail| {
-                            VfioError::Model(model::ModelError::Corrupt {
-                                path: path.clone(),
-                                detail,
-                            })
-                        })?;
+                        m.inject(f).map_err(model::ModelError::BadFault)?;
                     }
                 }
                 Some(m)

@@ -139,6 +139,11 @@ pub struct Fault {
     pub errno: Errno,
 }
 
+/// Checks a fault spec (for command-line parsing); returns it unchanged.
+pub fn fault_spec(s: &str) -> Result<String, String> {
+    s.parse::<Fault>().map(|_| s.to_string())
+}
+
 impl std::str::FromStr for Fault {
     type Err = String;
     /// `OP[:CONTAINER|*[:NTH[:ERRNO]]]`, e.g. `invalidate-vaddr:1`, `update-vaddr:*:2:EFAULT`.
@@ -193,9 +198,12 @@ fn errno_from_name(name: &str) -> Option<Errno> {
     .find(|e| format!("{e:?}") == name)
 }
 
-/// Errors of the model's own bookkeeping (its state file).
+/// Errors of the model's own bookkeeping (its state file, its faults).
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A fault spec that does not parse.
+    #[error("bad VFIO model fault: {0}")]
+    BadFault(String),
     /// The state file could not be read.
     #[error("cannot read the VFIO model state {path}")]
     Read {

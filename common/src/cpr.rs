@@ -64,6 +64,25 @@ pub struct CprHandover {
     pub address_space_keeper: Option<i32>,
     /// The VFIO model's container ids, in container order (test hook; empty on a real kernel).
     pub vfio_model_containers: Vec<u32>,
+    /// The guest's MSI programming of each passthrough device that has an MSI capability.
+    pub vfio_msi: Vec<VfioMsiState>,
+}
+
+/// A passthrough device's MSI capability as the guest programmed it (vmmd's shadow of it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VfioMsiState {
+    /// The device (index in `--device` order).
+    pub device: u32,
+    /// Config-space offset of the capability.
+    pub offset: u16,
+    /// Message control as the guest sees it (enable, 64-bit, maskable).
+    pub control: u16,
+    /// Message address.
+    pub address: u64,
+    /// Message data.
+    pub data: u32,
+    /// Mask bits.
+    pub mask: u32,
 }
 
 /// A hand-over that cannot be written or read.
@@ -233,6 +252,14 @@ mod tests {
             rollback_reason: None,
             address_space_keeper: None,
             vfio_model_containers: vec![3, 4],
+            vfio_msi: vec![VfioMsiState {
+                device: 0,
+                offset: 0x40,
+                control: 0x81,
+                address: 0xfee0_0000,
+                data: 0x22,
+                mask: 0,
+            }],
         }
     }
 

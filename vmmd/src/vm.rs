@@ -30,6 +30,7 @@ use crate::devices::{Devices, GuestRequest};
 use crate::memory::{GuestRam, MemoryError, MemorySpec};
 use crate::vcpu::{self, VcpuError, VcpuEvent, VcpuSet};
 use crate::vfio::dma::{DmaMapping, DmaStepError};
+use crate::vfio::msi::{MsiCap, MsiRouter};
 use crate::vfio::{Placement, Vfio, VfioConfig, VfioError};
 
 /// vmmd's version as reported over the API: the crate version, or `VMMD_BUILD_VERSION` when the
@@ -497,8 +498,17 @@ impl Vm {
             .as_mut()
             .map(Vfio::take_pci_devices)
             .unwrap_or_default();
-        for dev in &mut pci_devices {
-            dev.wire(&vm_fd).map_err(VfioError::from)?;
+        if !pci_devices.is_empty() {
+            let router = Arc::new(MsiRouter::new(dup_vm_fd(&kvm, &vm_fd)?));
+            let saved_msi = inherited
+                .as_ref()
+                .map_or(&[][..], |i| &i.handover.vfio_msi[..]);
+            for (i, dev) in pci_devices.iter_mut().enumerate() {
+                if let Some(s) = saved_msi.iter().find(|s| s.device as usize == i) {
+                    dev.restore_msi(MsiCap::from_handover(s));
+                }
+                dev.wire(router.clone()).map_err(VfioError::from)?;
+            }
         }
         lap("vfio");
         let devices = Arc::new(Devices {
@@ -1228,6 +1238,14 @@ impl Vm {
                 .as_ref()
                 .map(Vfio::model_container_ids)
                 .unwrap_or_default(),
+            vfio_msi: self
+                .devices
+                .pci()
+                .devices()
+                .iter()
+                .enumerate()
+                .filter_map(|(i, d)| d.msi_state().map(|m| m.to_handover(i as u32)))
+                .collect(),
         };
         let handover = CprHandover {
             exec_at_ns: monotonic_ns(),
@@ -1525,6 +1543,21 @@ impl Vm {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A second `VmFd` on the same VM (for the PCI bus's interrupt routing, used from vCPU threads).
+fn dup_vm_fd(kvm: &Kvm, vm: &VmFd) -> Result<VmFd, VmError> {
+    let kvm_err = |source| VmError::Kvm {
+        op: "dup VM fd",
+        source,
+    };
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) only creates a new fd for the same open VM file.
+    let fd = unsafe { libc::fcntl(vm.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(kvm_err(kvm_ioctls::Error::last()));
+    }
+    // SAFETY: `fd` is a fresh fd for a KVM VM that nothing else owns.
+    unsafe { kvm.create_vmfd_from_rawfd(fd) }.map_err(kvm_err)
 }
 
 /// Guest RAM as DMA mappings: iova = guest physical address, at this process's host address.

@@ -12,13 +12,15 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 
-use kvm_ioctls::VmFd;
+use std::sync::Arc;
+
 use nix::errno::Errno;
 use tracing::{debug, info, warn};
 use vfio_bindings::bindings::vfio::{
     vfio_device_info, vfio_irq_info, vfio_region_info, VFIO_DEVICE_FLAGS_PCI,
     VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,6 +28,7 @@ use super::ioctls::{
     ioctl_ptr, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
 };
+use super::msi::{self, MsiCap, MsiRouter};
 
 /// Why a passthrough device cannot be set up or served.
 #[derive(Debug, thiserror::Error)]
@@ -113,7 +116,13 @@ pub struct PassthroughDevice {
     sizing: [bool; 6],
     intx: Option<Intx>,
     gsi: u32,
-    wired: bool,
+    /// The VM's routing and irqfds, once wired.
+    router: Option<Arc<MsiRouter>>,
+    /// The device's MSI capability as the guest sees it, if it has one.
+    msi_cap: Option<MsiCap>,
+    /// The MSI eventfd (VFIO signals it, KVM injects the message routed to `msi_gsi`).
+    msi: Option<EventFd>,
+    msi_gsi: u32,
 }
 
 impl std::fmt::Debug for PassthroughDevice {
@@ -210,9 +219,20 @@ impl PassthroughDevice {
             sizing: [false; 6],
             intx: None,
             gsi,
-            wired: false,
+            router: None,
+            msi_cap: None,
+            msi: None,
+            msi_gsi: msi::IOAPIC_PINS + index as u32,
         };
         dev.bars = dev.probe_bars();
+        dev.msi_cap = dev.find_msi_cap();
+        if !fresh {
+            dev.msi = take(&format!("{}-msi", super::fd_names::device(index))).map(|fd| {
+                // SAFETY: the hand-over names this fd as the MSI eventfd the previous process
+                // created; ownership moves into the EventFd.
+                unsafe { EventFd::from_raw_fd(fd.into_raw_fd()) }
+            });
+        }
         let pin = dev.read_config_dword(PCI_INTERRUPT_LINE) >> 8 & 0xff;
         let mut irq = vfio_irq_info {
             argsz: std::mem::size_of::<vfio_irq_info>() as u32,
@@ -228,7 +248,7 @@ impl PassthroughDevice {
                 dev.inherited_intx(index, take)?
             });
         }
-        info!(device = %dev.name, bars = dev.bars.len(), intx = dev.intx.is_some(), gsi, fresh, "VFIO PCI device");
+        info!(device = %dev.name, bars = dev.bars.len(), intx = dev.intx.is_some(), msi = dev.msi_cap.is_some(), gsi, fresh, "VFIO PCI device");
         Ok(dev)
     }
 
@@ -273,13 +293,24 @@ impl PassthroughDevice {
     }
 
     fn set_irq(&self, action: u32, fd: RawFd) -> Result<(), DeviceError> {
+        self.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, action, Some(fd))
+    }
+
+    /// `VFIO_DEVICE_SET_IRQS` on `index`: one eventfd, or (`None`) none, which disables the
+    /// index for a trigger action.
+    fn set_irqs(&self, index: u32, action: u32, fd: Option<RawFd>) -> Result<(), DeviceError> {
+        let data = if fd.is_some() {
+            VFIO_IRQ_SET_DATA_EVENTFD
+        } else {
+            VFIO_IRQ_SET_DATA_NONE
+        };
         let mut set = IrqSetOne {
             argsz: std::mem::size_of::<IrqSetOne>() as u32,
-            flags: VFIO_IRQ_SET_DATA_EVENTFD | action,
-            index: VFIO_PCI_INTX_IRQ_INDEX,
+            flags: action | data,
+            index,
             start: 0,
-            count: 1,
-            fd,
+            count: u32::from(fd.is_some()),
+            fd: fd.unwrap_or(-1),
         };
         ioctl_ptr(self.fd.as_raw_fd(), VFIO_DEVICE_SET_IRQS, &mut set)
             .map(drop)
@@ -290,17 +321,151 @@ impl PassthroughDevice {
             })
     }
 
-    /// Registers INTx with `vm` (KVM irqfd with resample). Called once per VM.
-    pub fn wire(&mut self, vm: &VmFd) -> Result<(), DeviceError> {
-        if let Some(intx) = &self.intx {
-            vm.register_irqfd_with_resample(&intx.trigger, &intx.resample, self.gsi)
-                .map_err(|source| DeviceError::Irqfd {
-                    device: self.name.clone(),
-                    gsi: self.gsi,
-                    source,
-                })?;
-            self.wired = true;
+    /// Connects the device's interrupts to the VM `router` serves: the MSI route and irqfd when
+    /// MSI is enabled (after a cpr-exec, see [`Self::restore_msi`]), INTx (irqfd with resample)
+    /// otherwise. Called once per VM.
+    pub fn wire(&mut self, router: Arc<MsiRouter>) -> Result<(), DeviceError> {
+        match (self.msi_cap.filter(MsiCap::enabled), &self.msi) {
+            (Some(cap), Some(msi)) => {
+                router
+                    .route(self.msi_gsi, Some(cap.message))
+                    .map_err(self.irqfd_err(self.msi_gsi))?;
+                router
+                    .vm()
+                    .register_irqfd(msi, self.msi_gsi)
+                    .map_err(self.irqfd_err(self.msi_gsi))?;
+            }
+            _ => {
+                if let Some(intx) = &self.intx {
+                    router
+                        .vm()
+                        .register_irqfd_with_resample(&intx.trigger, &intx.resample, self.gsi)
+                        .map_err(self.irqfd_err(self.gsi))?;
+                }
+            }
         }
+        self.router = Some(router);
+        Ok(())
+    }
+
+    fn irqfd_err(&self, gsi: u32) -> impl FnOnce(kvm_ioctls::Error) -> DeviceError {
+        let device = self.name.clone();
+        move |source| DeviceError::Irqfd {
+            device,
+            gsi,
+            source,
+        }
+    }
+
+    /// The guest's MSI programming, for a cpr-exec successor.
+    pub fn msi_state(&self) -> Option<MsiCap> {
+        self.msi_cap
+    }
+
+    /// Takes over the guest's MSI programming from the previous process (before [`Self::wire`]).
+    pub fn restore_msi(&mut self, saved: MsiCap) {
+        match &mut self.msi_cap {
+            Some(cap) if cap.offset == saved.offset && cap.len() == saved.len() => *cap = saved,
+            _ => {
+                warn!(device = %self.name, "the hand-over's MSI state does not fit this device; ignored")
+            }
+        }
+    }
+
+    fn find_msi_cap(&self) -> Option<MsiCap> {
+        if self.read_config_dword(PCI_COMMAND) & PCI_STATUS_CAP_LIST == 0 {
+            return None;
+        }
+        let mut at = (self.read_config_dword(PCI_CAP_PTR) & 0xfc) as u16;
+        // A bounded walk: a broken list cannot loop forever.
+        for _ in 0..48 {
+            if at < 0x40 {
+                return None;
+            }
+            let header = self.read_config_dword(at);
+            if header & 0xff == 0x05 {
+                return Some(MsiCap::new(at, (header >> 16) as u16));
+            }
+            at = (header >> 8 & 0xfc) as u16;
+        }
+        None
+    }
+
+    /// Applies the guest's new MSI programming: enable, re-route, or disable (back to INTx).
+    fn msi_changed(&mut self, before: MsiCap) {
+        let (Some(cap), Some(router)) = (self.msi_cap, self.router.clone()) else {
+            return;
+        };
+        let result = match (before.enabled(), cap.enabled()) {
+            (false, true) => self.enable_msi(&router, cap),
+            (true, true) if before.message != cap.message => router
+                .route(self.msi_gsi, Some(cap.message))
+                .map_err(self.irqfd_err(self.msi_gsi)),
+            (true, false) => self.disable_msi(&router),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!(device = %self.name, error = %e, "cannot apply the guest's MSI setting");
+        }
+    }
+
+    fn enable_msi(&mut self, router: &MsiRouter, cap: MsiCap) -> Result<(), DeviceError> {
+        // INTx off first: vfio-pci enables one interrupt type at a time.
+        if let Some(intx) = &self.intx {
+            self.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, None)?;
+            router
+                .vm()
+                .unregister_irqfd(&intx.trigger, self.gsi)
+                .map_err(self.irqfd_err(self.gsi))?;
+        }
+        let msi = match self.msi.take() {
+            Some(m) => m,
+            None => EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(|source| {
+                DeviceError::EventFd {
+                    device: self.name.clone(),
+                    source,
+                }
+            })?,
+        };
+        let msi = self.msi.insert(msi);
+        let fd = msi.as_raw_fd();
+        router
+            .route(self.msi_gsi, Some(cap.message))
+            .map_err(self.irqfd_err(self.msi_gsi))?;
+        router
+            .vm()
+            .register_irqfd(self.msi.as_ref().expect("inserted above"), self.msi_gsi)
+            .map_err(self.irqfd_err(self.msi_gsi))?;
+        self.set_irqs(
+            VFIO_PCI_MSI_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER,
+            Some(fd),
+        )?;
+        info!(device = %self.name, gsi = self.msi_gsi, address = format!("{:#x}", cap.message.address),
+            data = format!("{:#x}", cap.message.data), "MSI enabled");
+        Ok(())
+    }
+
+    fn disable_msi(&mut self, router: &MsiRouter) -> Result<(), DeviceError> {
+        self.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER, None)?;
+        if let Some(msi) = &self.msi {
+            router
+                .vm()
+                .unregister_irqfd(msi, self.msi_gsi)
+                .map_err(self.irqfd_err(self.msi_gsi))?;
+        }
+        router
+            .route(self.msi_gsi, None)
+            .map_err(self.irqfd_err(self.msi_gsi))?;
+        if let Some(intx) = &self.intx {
+            self.set_irq(VFIO_IRQ_SET_ACTION_TRIGGER, intx.trigger.as_raw_fd())?;
+            self.set_irq(VFIO_IRQ_SET_ACTION_UNMASK, intx.resample.as_raw_fd())?;
+            router
+                .vm()
+                .register_irqfd_with_resample(&intx.trigger, &intx.resample, self.gsi)
+                .map_err(self.irqfd_err(self.gsi))?;
+        }
+        info!(device = %self.name, "MSI disabled; back to INTx");
         Ok(())
     }
 
@@ -311,6 +476,12 @@ impl PassthroughDevice {
             let (t, r) = eventfd_names(index);
             fds.push((t, intx.trigger.as_raw_fd()));
             fds.push((r, intx.resample.as_raw_fd()));
+        }
+        if let Some(msi) = &self.msi {
+            fds.push((
+                format!("{}-msi", super::fd_names::device(index)),
+                msi.as_raw_fd(),
+            ));
         }
         fds
     }
@@ -389,7 +560,14 @@ impl PassthroughDevice {
     /// The config dword at `offset` as the guest sees it.
     fn guest_config_dword(&self, offset: u16) -> u32 {
         match offset {
-            PCI_COMMAND => self.read_config_dword(offset) & !PCI_STATUS_CAP_LIST,
+            PCI_COMMAND => {
+                let v = self.read_config_dword(offset) & !PCI_STATUS_CAP_LIST;
+                if self.msi_cap.is_some() {
+                    v | PCI_STATUS_CAP_LIST
+                } else {
+                    v
+                }
+            }
             0x10..=0x24 => {
                 let slot = usize::from((offset - PCI_BAR0) / 4);
                 let bar = self
@@ -413,7 +591,8 @@ impl PassthroughDevice {
                     }
                 }
             }
-            PCI_ROM | PCI_CAP_PTR => 0,
+            PCI_CAP_PTR => self.msi_cap.map_or(0, |c| u32::from(c.offset)),
+            PCI_ROM => 0,
             PCI_INTERRUPT_LINE => {
                 let v = self.read_config_dword(offset);
                 let line = if self.intx.is_some() {
@@ -424,8 +603,18 @@ impl PassthroughDevice {
                 (v & !0xff) | line
             }
             o if u64::from(o) >= self.config.size.min(256) => u32::MAX,
-            // Beyond the standard header: capabilities are hidden, so nothing the guest needs.
-            o if o >= 0x40 => 0,
+            // Beyond the standard header only the MSI capability is shown.
+            o if o >= 0x40 => self.msi_cap.map_or(0, |cap| {
+                let bytes = cap.bytes();
+                let mut v = [0u8; 4];
+                for (i, b) in v.iter_mut().enumerate() {
+                    let at = (o + i as u16).checked_sub(cap.offset);
+                    *b = at
+                        .and_then(|a| bytes.get(usize::from(a)).copied())
+                        .unwrap_or(0);
+                }
+                u32::from_le_bytes(v)
+            }),
             o => self.read_config_dword(o),
         }
     }
@@ -465,7 +654,16 @@ impl PassthroughDevice {
             }
             // The VMM owns the ROM BAR, the capability pointer and the interrupt line/pin.
             PCI_ROM | PCI_CAP_PTR | PCI_INTERRUPT_LINE => {}
-            _ if offset >= 0x40 => {}
+            _ if offset >= 0x40 => {
+                if let Some(cap) = &mut self.msi_cap {
+                    let rel = offset.checked_sub(cap.offset).filter(|r| *r < cap.len());
+                    if let Some(rel) = rel {
+                        let before = *cap;
+                        cap.write(rel, data);
+                        self.msi_changed(before);
+                    }
+                }
+            }
             _ => {
                 if !self.pwrite(self.config.offset + u64::from(offset), data) {
                     debug!(device = %self.name, offset, "config write failed");

@@ -17,6 +17,7 @@ pub mod device;
 pub mod dma;
 pub mod ioctls;
 pub mod model;
+pub mod msi;
 
 use std::ffi::CString;
 use std::fs::OpenOptions;

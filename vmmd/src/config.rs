@@ -68,9 +68,9 @@ pub struct Cli {
     /// Test hook: make the incoming load fail or crash (exercises cpr-exec rollback).
     #[arg(long, value_enum, hide = true)]
     pub fault_inject: Option<FaultInjection>,
-    /// Passthrough device: vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,container=NAME] (repeatable;
+    /// Passthrough device: vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,container=NAME][,msi=off] (repeatable;
     /// devices with the same container name share a VFIO container, all by default).
-    #[arg(long = "device", value_name = "vfio=PATH[,container=NAME]")]
+    #[arg(long = "device", value_name = "vfio=PATH[,container=NAME][,msi=off]")]
     pub devices: Vec<VfioDeviceSpec>,
     /// Test hook: serve VFIO from a model of the kernel's type1 IOMMU whose state lives in PATH.
     #[arg(long, value_name = "PATH", hide = true)]

@@ -159,13 +159,15 @@ fn eventfd_names(index: usize) -> (String, String) {
 
 impl PassthroughDevice {
     /// Sets up device `index` from its VFIO fd. `fresh`: a new open, so reset it and configure INTx;
-    /// otherwise (inherited) keep it as it is and take the INTx eventfds through `take`.
+    /// otherwise (inherited) keep it as it is and take the INTx and MSI eventfds through `take`.
+    /// `show_msi`: show the guest the device's MSI capability, if it has one.
     pub fn open(
         index: usize,
         name: String,
         fd: OwnedFd,
         fresh: bool,
         gsi: u32,
+        show_msi: bool,
         take: &dyn Fn(&str) -> Option<OwnedFd>,
     ) -> Result<PassthroughDevice, DeviceError> {
         let device_name = name.clone();
@@ -225,7 +227,7 @@ impl PassthroughDevice {
             msi_gsi: msi::IOAPIC_PINS + index as u32,
         };
         dev.bars = dev.probe_bars();
-        dev.msi_cap = dev.find_msi_cap();
+        dev.msi_cap = dev.find_msi_cap().filter(|_| show_msi);
         if !fresh {
             dev.msi = take(&format!("{}-msi", super::fd_names::device(index))).map(|fd| {
                 // SAFETY: the hand-over names this fd as the MSI eventfd the previous process

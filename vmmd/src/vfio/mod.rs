@@ -41,6 +41,8 @@ pub struct VfioDeviceSpec {
     pub sysfs: PathBuf,
     /// Devices naming the same container share it; `None` is the default container.
     pub container: Option<String>,
+    /// Whether the guest is shown the device's MSI capability (`msi=off` leaves it INTx only).
+    pub msi: bool,
 }
 
 impl std::str::FromStr for VfioDeviceSpec {
@@ -48,7 +50,7 @@ impl std::str::FromStr for VfioDeviceSpec {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let rest = s.strip_prefix("vfio=").ok_or_else(|| {
             format!(
-                "unknown device {s:?}: use vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,container=NAME]"
+                "unknown device {s:?}: use vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,container=NAME][,msi=off]"
             )
         })?;
         let mut parts = rest.split(',');
@@ -57,17 +59,24 @@ impl std::str::FromStr for VfioDeviceSpec {
             return Err(format!("device {s:?} names no sysfs path"));
         }
         let mut container = None;
+        let mut msi = true;
         for p in parts {
             match p.split_once('=') {
                 Some(("container", name)) if !name.is_empty() => container = Some(name.to_string()),
+                Some(("msi", "on")) => msi = true,
+                Some(("msi", "off")) => msi = false,
                 _ => {
                     return Err(format!(
-                        "unknown option {p:?} in device {s:?}: only container=NAME"
+                        "unknown option {p:?} in device {s:?}: container=NAME or msi=on|off"
                     ))
                 }
             }
         }
-        Ok(VfioDeviceSpec { sysfs, container })
+        Ok(VfioDeviceSpec {
+            sysfs,
+            container,
+            msi,
+        })
     }
 }
 
@@ -436,6 +445,7 @@ impl Vfio {
                     fd,
                     fresh,
                     place.first_gsi + i as u32,
+                    d.spec.msi,
                     &take_named,
                 )?);
             }
@@ -596,6 +606,7 @@ mod tests {
         let spec = |c: Option<&str>| VfioDeviceSpec {
             sysfs: "/x".into(),
             container: c.map(String::from),
+            msi: true,
         };
         let (n, idx) =
             assign_containers(&[spec(None), spec(Some("b")), spec(None), spec(Some("c"))]);
@@ -657,6 +668,7 @@ mod tests {
         let dev = |p: &Path, c: Option<&str>| VfioDeviceSpec {
             sysfs: p.to_path_buf(),
             container: c.map(String::from),
+            msi: true,
         };
 
         let v = Vfio::open(
@@ -698,6 +710,7 @@ mod tests {
         let missing = VfioDeviceSpec {
             sysfs: dir.join("nope"),
             container: None,
+            msi: true,
         };
         let e = Vfio::open(&cfg(vec![missing], false, "s4"), &ram(), PLACE).unwrap_err();
         assert!(e.to_string().contains("iommu_group"), "{e}");

@@ -16,7 +16,8 @@ usage: check-insns.py GUEST_ELF
    only in `ymm_swap`. libcore's formatting code is exempt: it is linked but never runs (the
    guest prints without core::fmt).
 3. The interrupt handlers' places: the IDT gate of vector v points at exception_stubs + 16 * v,
-   so timer_interrupt (32) and edu_interrupt (33) must be exactly there.
+   so timer_interrupt (32), edu_intx_interrupt (33) and edu_msi_interrupt (34) must be exactly
+   there.
 Exit status 0 if clean; prints each offending instruction with its function otherwise.
 """
 import re, subprocess, sys
@@ -71,7 +72,7 @@ def gate_layout(elf):
     syms = {p[2]: int(p[0], 16) for p in (l.split() for l in out.splitlines()) if len(p) == 3}
     base = syms.get("exception_stubs")
     bad = []
-    for name, vec in (("timer_interrupt", 32), ("edu_interrupt", 33)):
+    for name, vec in (("timer_interrupt", 32), ("edu_intx_interrupt", 33), ("edu_msi_interrupt", 34)):
         if base is None or syms.get(name) != base + 16 * vec:
             bad.append(f"{name} is not at exception_stubs + 16 * {vec}   [IDT gate {vec} misses it]")
     return bad

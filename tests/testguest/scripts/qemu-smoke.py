@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """Boots cpr-testguest under QEMU/KVM and drives its COM1 protocol (a manual smoke test).
 
-usage: qemu-smoke.py GUEST_ELF [--smp N] [--mem MIB] [--machine pc|q35] [--edu] [--cmds vcvcq]
-                    [--wait SECONDS]
+usage: qemu-smoke.py GUEST_ELF [--smp N] [--mem MIB] [--machine pc|q35] [--edu [--irq msi|intx]]
+                    [--cmds vcvcq] [--wait SECONDS]
 
 Starts QEMU with COM1 on a unix socket, waits for READY, sends each command character in turn
 (waiting for its reply line), counts heartbeat dots, and checks that `q` powers QEMU off.
 Exits non-zero on any FAIL/VERIFY FAIL/PANIC line or a missing reply.
 
 --edu adds QEMU's edu PCI device (`-device edu`) and makes the default commands `vdddvcq`; each
-`d` must then answer `DMA OK` with `runs` one more and `irqs` three more than the previous one.
-Without --edu, `d` must answer `DMA FAIL nodevice`.
+`d` must then answer `DMA OK` with `runs` one more and `irqs` three more than the previous one,
+and `irq=msi` (QEMU's edu device has an MSI capability, which the guest uses; --irq intx expects
+INTx instead, for a device without one). Without --edu, `d` must answer `DMA FAIL nodevice`.
 """
 import argparse, os, re, socket, subprocess, sys, tempfile, time
 
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--mem", type=int, default=512)
     ap.add_argument("--machine", default="pc")
     ap.add_argument("--edu", action="store_true", help="add -device edu and check `d` answers")
+    ap.add_argument("--irq", choices=("msi", "intx"), default="msi",
+                    help="the interrupt mode `d` must report with --edu (default msi)")
     ap.add_argument("--cmds", default=None, help="default: cvcq, or vdddvcq with --edu")
     ap.add_argument("--wait", type=float, default=0.5, help="seconds of heartbeats between commands")
     ap.add_argument("--timeout", type=float, default=60)
@@ -102,11 +105,15 @@ def main():
                     print(f"d without an edu device: {reply!r}, expected DMA FAIL nodevice")
                     ok = False
                 continue
-            d = re.match(r"DMA OK bdf=\S+ runs=(\d+) irqs=(\d+) hash=[0-9a-f]{16}$", reply)
+            d = re.match(r"DMA OK bdf=\S+ runs=(\d+) irqs=(\d+) hash=[0-9a-f]{16} irq=(msi|intx)$",
+                         reply)
             if not d:
                 print(f"d: {reply!r}")
                 ok = False
                 continue
+            if d.group(3) != a.irq:
+                print(f"d: irq={d.group(3)}, expected irq={a.irq}")
+                ok = False
             now = (int(d.group(1)), int(d.group(2)))
             if last_dma and now != (last_dma[0] + 1, last_dma[1] + 3):
                 print(f"d: runs/irqs {now} after {last_dma}: expected one more run, 3 more irqs")

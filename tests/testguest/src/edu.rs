@@ -7,10 +7,20 @@
 //! platform's (firmware or VMM) assignment: read, never assigned. The identity map has the 512 MiB
 //! below 4 GiB uncacheable (`kernel.rs`); a BAR elsewhere below 4 GiB has its 2 MiB entries made
 //! uncacheable before first use. Set up once, then left alone (so that a VMM that loses any of it
-//! across an update is caught): Memory Space and Bus Master in the command register; the IOAPIC
-//! redirection entry of the interrupt line register's GSI (INTx pin A: level-triggered,
-//! active-high, fixed delivery to the BSP's APIC ID, vector [`EDU_VECTOR`]); the BSP's local APIC
-//! (software-enabled, timer one-shot on vector 32 but stopped, task priority 0xf0).
+//! across an update is caught): Memory Space and Bus Master in the command register; the
+//! device's interrupt, either MSI or INTx (chosen then, fixed until the next boot); the BSP's
+//! local APIC (software-enabled, timer one-shot on vector 32 but stopped, task priority 0xf0).
+//!
+//! * **MSI**, when the status register shows a capability list holding an MSI capability (ID 5;
+//!   QEMU's edu has one, 64-bit, without per-vector masking): message address 0xfee00000 | the
+//!   BSP's APIC ID << 12 (physical destination; the high half 0 in the 64-bit layout), data
+//!   [`EDU_MSI_VECTOR`] (fixed delivery, edge), vector 0 unmasked if the capability can mask,
+//!   then Interrupt Disable (with Memory Space and Bus Master) in the command register, then MSI
+//!   Enable with one vector. The IOAPIC is left alone, and the interrupt line and pin are not
+//!   looked at.
+//! * **INTx** otherwise: the IOAPIC redirection entry of the interrupt line register's GSI (INTx
+//!   pin A: level-triggered, active-high, fixed delivery to the BSP's APIC ID, vector
+//!   [`EDU_VECTOR`]).
 //!
 //! Interrupts: guest CPL-3 code runs with IF = 0 and an interrupt must never be pending then (on
 //! PVM hosts KVM would emulate instruction by instruction until IF = 1, see README). So the
@@ -18,10 +28,11 @@
 //! except while the BSP sleeps during `d`: in one asm block it arms its local APIC timer (at most
 //! until the next heartbeat is due), lowers the TPR to 0, executes `hlt` (the kernel's
 //! `sti; hlt; cli`), then raises the TPR again and stops the timer. The kernel's handler for
-//! [`EDU_VECTOR`] reads the device's interrupt status, acknowledges it all (the device lowers
-//! INTx), ORs it into [`EDU_SEEN`], counts the interrupt in [`EDU_IRQS`] (unless the status was
-//! 0: a spurious interrupt, not counted) and signals EOI. The device's interrupt never reaches
-//! the APs.
+//! [`EDU_VECTOR`] and [`EDU_MSI_VECTOR`] (one handler) reads the device's interrupt status,
+//! acknowledges it all (the device lowers INTx), ORs it into [`EDU_SEEN`], counts the interrupt
+//! in [`EDU_IRQS`] and, on the MSI vector, in [`EDU_MSI_IRQS`] (unless the status was 0: a
+//! spurious interrupt, not counted) and signals EOI to the local APIC. A wait in MSI mode is
+//! satisfied only by interrupts on the MSI vector. The device's interrupt never reaches the APs.
 //!
 //! One `d` run: ident (low 16 bits 0x00ed), liveness (reads back the NOT of a fresh value),
 //! factorial (polled, no interrupt), DMA of a 4 KiB buffer holding a fresh pattern from RAM into
@@ -46,7 +57,7 @@ use crate::uart::{line, Line};
 use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::ptr::{read_volatile, write_volatile};
-use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering::*};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering::*};
 
 /// `device << 16 | vendor`.
 const EDU_ID: u32 = 0x11e8 << 16 | 0x1234;
@@ -78,8 +89,20 @@ const DMA_BYTES: usize = 4096;
 /// The device's DMA mask: 28 bits.
 const DMA_LIMIT: u64 = 1 << 28;
 
-/// The IDT vector of the device's interrupt (`kernel.rs`).
+/// The IDT vector of the device's INTx interrupt (`kernel.rs`).
 pub const EDU_VECTOR: u32 = 33;
+/// The IDT vector of the device's MSI (`kernel.rs`): the message data.
+pub const EDU_MSI_VECTOR: u32 = 34;
+/// The MSI capability, as the doubleword at its offset: ID (byte 0), next pointer (byte 1),
+/// message control (bits 16..31).
+const MSI_ENABLE: u32 = 1 << 16;
+/// Multiple Message Enable: 0 = one vector.
+const MSI_MULTIPLE_ENABLE: u32 = 0b111 << (16 + 4);
+const MSI_64BIT: u32 = 1 << (16 + 7);
+const MSI_MASKABLE: u32 = 1 << (16 + 8);
+/// Message address: the local APIC's window, destination APIC ID in bits 12..19, physical
+/// destination mode, no redirection hint.
+const MSI_ADDRESS: u32 = 0xfee0_0000;
 const IOAPIC_BASE: usize = 0xfec0_0000;
 const IOAPIC_VERSION: u32 = 0x01;
 const IOAPIC_REDIR: u32 = 0x10;
@@ -98,9 +121,13 @@ const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
 pub static EDU_MMIO: AtomicU64 = AtomicU64::new(0);
 /// The interrupt status bits the handler acknowledged (OR), cleared by `d` before each step.
 pub static EDU_SEEN: AtomicU32 = AtomicU32::new(0);
-/// Interrupts taken on [`EDU_VECTOR`] since boot with a non-zero interrupt status (the handler
-/// counts them).
+/// Interrupts taken on [`EDU_VECTOR`] or [`EDU_MSI_VECTOR`] since boot with a non-zero interrupt
+/// status (the handler counts them).
 pub static EDU_IRQS: AtomicU64 = AtomicU64::new(0);
+/// Those of [`EDU_IRQS`] taken on [`EDU_MSI_VECTOR`].
+pub static EDU_MSI_IRQS: AtomicU64 = AtomicU64::new(0);
+/// Whether setup chose MSI (else INTx).
+static MSI: AtomicBool = AtomicBool::new(false);
 /// `0x100 | dev << 3 | func` of the device once set up, else 0.
 static DEVICE: AtomicU32 = AtomicU32::new(0);
 /// Its GSI (for failure details).
@@ -171,6 +198,11 @@ pub fn check(seed: u64, hb: &mut Heartbeat) {
             .dec(EDU_IRQS.load(Acquire))
             .s(" hash=")
             .hex(hash)
+            .s(if MSI.load(Relaxed) {
+                " irq=msi"
+            } else {
+                " irq=intx"
+            })
             .end();
     }
 }
@@ -340,7 +372,16 @@ fn dma(
 /// Clears [`EDU_SEEN`]; returns the interrupt count to wait past.
 fn start_step() -> u64 {
     EDU_SEEN.store(0, Relaxed);
-    EDU_IRQS.load(Acquire)
+    irq_count()
+}
+
+/// The interrupts that count for a wait: those on the MSI vector in MSI mode, else all.
+fn irq_count() -> u64 {
+    if MSI.load(Relaxed) {
+        EDU_MSI_IRQS.load(Acquire)
+    } else {
+        EDU_IRQS.load(Acquire)
+    }
 }
 
 fn irq_fail(step: &str, edu: Edu) -> Line {
@@ -361,10 +402,11 @@ fn irq_fail(step: &str, edu: Edu) -> Line {
 /// already waiting (kept out by the task priority) when the BSP sleeps. An INTx interrupt that
 /// arrives while the BSP is halted is delivered a second time right after its end of interrupt
 /// on this host (QEMU 10 and KVM on PVM: the handler then reads status 0), which would make the
-/// interrupt count unpredictable.
+/// interrupt count unpredictable. (MSI, edge-triggered, does not need this; it is done the same
+/// way.)
 fn wait_irq(hb: &mut Heartbeat, before: u64, bits: u32) -> bool {
     wait(hb, true, &mut || {
-        EDU_IRQS.load(Acquire) > before && EDU_SEEN.load(Acquire) & bits == bits
+        irq_count() > before && EDU_SEEN.load(Acquire) & bits == bits
     })
 }
 
@@ -468,21 +510,25 @@ fn bar0(bdf: Bdf) -> Result<u64, Printed> {
     Ok(addr)
 }
 
-/// One-time setup: interrupt routing, the BSP's local APIC, the command register.
+/// One-time setup: interrupt routing (MSI if the device has the capability, else INTx), the
+/// BSP's local APIC, the command register.
 fn setup(bdf: Bdf, bar: u64) -> Result<(), Printed> {
+    let msi = bdf.find_capability(pci::CAP_ID_MSI);
     let int = bdf.read(pci::INTERRUPT);
     let (gsi, pin) = (int & 0xff, (int >> 8) & 0xff);
-    let max = (ioapic_read(IOAPIC_VERSION) >> 16) & 0xff;
-    if pin != 1 || gsi > max {
-        return Err(printed(
-            fail("irqline")
-                .s("line=")
-                .dec(gsi as u64)
-                .s(" pin=")
-                .dec(pin as u64)
-                .s(" ioapic_max=")
-                .dec(max as u64),
-        ));
+    if msi.is_none() {
+        let max = (ioapic_read(IOAPIC_VERSION) >> 16) & 0xff;
+        if pin != 1 || gsi > max {
+            return Err(printed(
+                fail("irqline")
+                    .s("line=")
+                    .dec(gsi as u64)
+                    .s(" pin=")
+                    .dec(pin as u64)
+                    .s(" ioapic_max=")
+                    .dec(max as u64),
+            ));
+        }
     }
     if smp::timer_ticks_per_ms() == 0 {
         smp::calibrate_timer(); // not done at boot with a single CPU
@@ -500,16 +546,49 @@ fn setup(bdf: Bdf, bar: u64) -> Result<(), Printed> {
 
     map_uncached(bar, BAR_BYTES);
     let command = bdf.read(pci::COMMAND) & 0xffff; // status bits (write 1 to clear) left alone
+    let bsp = lapic_read(LAPIC_ID) >> 24;
+    GSI.store(gsi, Relaxed);
+    if let Some(cap) = msi {
+        EDU_MMIO.store(bar, Release); // before the interrupt can come: the handler needs it
+        setup_msi(bdf, cap, bsp);
+        bdf.write(
+            pci::COMMAND,
+            command | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER | pci::COMMAND_INTX_DISABLE,
+        );
+        let control = bdf.read(cap);
+        bdf.write(cap, (control & !MSI_MULTIPLE_ENABLE) | MSI_ENABLE);
+        MSI.store(true, Relaxed);
+        return Ok(());
+    }
     bdf.write(
         pci::COMMAND,
         command | pci::COMMAND_MEMORY | pci::COMMAND_BUS_MASTER,
     );
     EDU_MMIO.store(bar, Release); // before the interrupt can come: the handler needs it
-    GSI.store(gsi, Relaxed);
-    let bsp = lapic_read(LAPIC_ID) >> 24;
     ioapic_write(IOAPIC_REDIR + 2 * gsi + 1, bsp << 24);
     ioapic_write(IOAPIC_REDIR + 2 * gsi, REDIR_LEVEL | EDU_VECTOR); // fixed, physical, unmasked
     Ok(())
+}
+
+/// Programs the MSI capability at `cap` (not yet enabled): message address (to the local APIC of
+/// `apic_id`), message data ([`EDU_MSI_VECTOR`], fixed, edge), vector 0 unmasked if maskable.
+/// Every access is a doubleword; read-modify-write where the doubleword holds more than the
+/// field (the data register's upper half: extended message data or beyond the capability).
+fn setup_msi(bdf: Bdf, cap: u8, apic_id: u32) {
+    let control = bdf.read(cap);
+    let is64 = control & MSI_64BIT != 0;
+    bdf.write(cap + 4, MSI_ADDRESS | (apic_id & 0xff) << 12);
+    let data = if is64 {
+        bdf.write(cap + 8, 0); // message upper address
+        cap + 0xc
+    } else {
+        cap + 8
+    };
+    bdf.write(data, (bdf.read(data) & 0xffff_0000) | EDU_MSI_VECTOR);
+    if control & MSI_MASKABLE != 0 {
+        let mask = data + 4;
+        bdf.write(mask, bdf.read(mask) & !1);
+    }
 }
 
 /// Makes the identity map uncacheable (PCD | PWT) over `[addr, addr + len)`, which nothing has

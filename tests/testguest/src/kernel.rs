@@ -14,8 +14,8 @@
 //! * `ap_trampoline` (.kernel16): real-mode code that `smp` copies to [`TRAMPOLINE_ADDR`]; an AP
 //!   started by INIT/SIPI/SIPI goes real -> protected -> the same long-mode path as the BSP.
 //! * .kernel64: per-CPU setup (CR0/CR4, XCR0 with `xsetbv`, IDT, TSS), the exception handlers,
-//!   the interrupt handlers (local APIC timer, vector 32; the edu device, vector 33, see `edu`)
-//!   and the drop to CPL 3 (`iretq`) into `main::bsp_main` / `smp::ap_main` on the CPU's user
+//!   the interrupt handlers (local APIC timer, vector 32; the edu device, vector 33 for INTx, 34
+//!   for MSI, see `edu`) and the drop to CPL 3 (`iretq`) into `main::bsp_main` / `smp::ap_main` on the CPU's user
 //!   stack.
 //!
 //! Services for CPL 3:
@@ -24,8 +24,8 @@
 //! * `hlt` at CPL 3 raises #GP; the kernel treats a #GP on a `hlt` instruction from CPL 3 as
 //!   "wait for an interrupt": `sti; hlt; cli`, then it returns past the `hlt`. The interrupts
 //!   are the local APIC timer (vector 32: its handler just signals end of interrupt), which an AP
-//!   (or the BSP during `d`) arms before its `hlt` to sleep, and the edu device's (vector 33, BSP
-//!   only, only during `d`: the BSP's task priority blocks it otherwise); without one the CPU
+//!   (or the BSP during `d`) arms before its `hlt` to sleep, and the edu device's (vector 33 or 34,
+//!   BSP only, only during `d`: the BSP's task priority blocks it otherwise); without one the CPU
 //!   stays halted for good.
 //! * Any other exception prints `PANIC exception vec=0x.. err=0x... rip=0x... cs=0x... rsp=0x...
 //!   cr2=0x... cpu=0x..` on COM1 (from the interrupted context; `cpu` from the kernel stack in use)
@@ -101,7 +101,7 @@ gdtr:
 .word gdt_end - gdt - 1
 .quad gdt
 idtr:
-.word 34 * 16 - 1               /* the 32 exception vectors, the local APIC timer, the edu */
+.word 35 * 16 - 1               /* the 32 exception vectors, the local APIC timer, edu INTx, MSI */
 .quad idt
 
 /* Next CPU index handed to an AP (the BSP is 0). Lives in .data: nothing zeroes it. */
@@ -160,7 +160,7 @@ pd:
  * ------------------------------------------------------------------------------------------- */
 .pushsection .data.kernel, "aw"
 .balign 4096
-idt:    .skip 34 * 16
+idt:    .skip 35 * 16
 tss:    .skip {tss_stride} * {max_cpus}
 io_bitmap:
         .skip 8192               /* one bit per port, all 0: every port allowed */
@@ -311,7 +311,7 @@ ap_long:
 
 /* Once, on the BSP: TSS descriptors and TSSs for every CPU (RSP0 = its kernel stack, the shared
  * I/O bitmap that allows every port), and the IDT (32 exception vectors, the local APIC timer and
- * the edu device's interrupt: DPL 0 interrupt gates).
+ * the edu device's interrupt, INTx and MSI: DPL 0 interrupt gates).
  * Clobbers rax, rcx, rdx, rdi, r8, r9, r10. */
 kernel_setup:
     leaq tss(%rip), %r10            /* r10 = this TSS */
@@ -342,7 +342,7 @@ kernel_setup:
 
     leaq exception_stubs(%rip), %rax   /* vector i's handler is at exception_stubs + 16 * i */
     leaq idt(%rip), %rdi
-    movl $34, %ecx
+    movl $35, %ecx
 2:  movw %ax, (%rdi)                /* offset 15:0 */
     movw $0x18, 2(%rdi)             /* kernel code selector */
     movw $0x8e00, 4(%rdi)           /* present, DPL 0, 64-bit interrupt gate */
@@ -427,7 +427,7 @@ exception_stubs:
 .endr
 
 /* Vector 32, right after the stubs (each under 16 bytes, so this is exception_stubs + 32 * 16;
- * kernel_setup fills 34 gates; scripts/check-insns.py checks both offsets): the local APIC timer,
+ * kernel_setup fills 35 gates; scripts/check-insns.py checks all three offsets): the local APIC timer,
  * which only wakes a CPU from wait_for_interrupt. */
 .balign 16
 timer_interrupt:
@@ -437,13 +437,24 @@ timer_interrupt:
     popq %rax
     iretq
 
-/* Vector 33 (exception_stubs + 33 * 16: the timer's handler is under 16 bytes): the edu PCI
- * device's INTx, routed by the IOAPIC to the BSP only (src/edu.rs), which takes it only while it
- * waits in wait_for_interrupt for a `d` step. Acknowledges everything the device reports (it then
- * lowers its level-triggered line), records it for CPL 3, counts the interrupt unless the device
- * had nothing to report (a spurious one: the line shared, or delivered again), then signals end of
- * interrupt (which, for a level-triggered IOAPIC entry, also re-arms the entry). */
+/* Vectors 33 and 34: the edu PCI device's interrupt (src/edu.rs), taken by the BSP only, only
+ * while it waits in wait_for_interrupt for a `d` step. Vector 33 (exception_stubs + 33 * 16: the
+ * timer's handler is under 16 bytes) is its INTx, routed by the IOAPIC (level-triggered); vector
+ * 34 (exception_stubs + 34 * 16: the INTx entry is under 16 bytes) its MSI (edge-triggered), when
+ * the device has an MSI capability. One handler for both: it acknowledges everything the device
+ * reports (for INTx the device then lowers its line), records it for CPL 3, counts the interrupt
+ * unless the device had nothing to report (a spurious one: the line shared, or delivered again),
+ * and those on the MSI vector separately (edx = 1 there), then signals end of interrupt (which,
+ * for a level-triggered IOAPIC entry, also re-arms the entry; for MSI it only ends the vector). */
 .balign 16
+edu_intx_interrupt:
+    pushq %rdx
+    xorl %edx, %edx                 /* not the MSI vector */
+    jmp edu_interrupt
+.balign 16
+edu_msi_interrupt:
+    pushq %rdx
+    movl $1, %edx                   /* the MSI vector */
 edu_interrupt:
     pushq %rax
     pushq %rcx
@@ -456,10 +467,12 @@ edu_interrupt:
     jz 1f
     orl %ecx, {edu_seen}(%rip)
     incq {edu_irqs}(%rip)
+    addq %rdx, {edu_msi_irqs}(%rip)
 1:  movl $0xfee000b0, %eax          /* local APIC end-of-interrupt register */
     movl $0, (%rax)
     popq %rcx
     popq %rax
+    popq %rdx
     iretq
 
 /* Stack: vector, error code, rip, cs, rflags, rsp, ss. */
@@ -654,6 +667,7 @@ rust_eh_personality:
     edu_mmio = sym edu::EDU_MMIO,
     edu_seen = sym edu::EDU_SEEN,
     edu_irqs = sym edu::EDU_IRQS,
+    edu_msi_irqs = sym edu::EDU_MSI_IRQS,
     options(att_syntax)
 );
 

@@ -11,15 +11,27 @@ const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
 
 pub const VENDOR_DEVICE: u8 = 0x00;
+/// Command (bits 0..15) and status (bits 16..31: write 1 to clear, except read-only bits).
 pub const COMMAND: u8 = 0x04;
 pub const BAR0: u8 = 0x10;
 pub const BAR1: u8 = 0x14;
+/// Capabilities pointer (byte 0; bits 0..1 reserved), valid when the status register says so.
+pub const CAP_PTR: u8 = 0x34;
 /// Interrupt line (byte 0: the platform's routing of the pin, here an IOAPIC GSI), interrupt
 /// pin (byte 1: 1 = INTA#).
 pub const INTERRUPT: u8 = 0x3c;
 
 pub const COMMAND_MEMORY: u32 = 1 << 1;
 pub const COMMAND_BUS_MASTER: u32 = 1 << 2;
+/// Interrupt Disable: the function must not assert INTx.
+pub const COMMAND_INTX_DISABLE: u32 = 1 << 10;
+/// Status register bit 4, Capabilities List (as bit 20 of the doubleword at [`COMMAND`]).
+pub const STATUS_CAP_LIST: u32 = 1 << (16 + 4);
+/// Capability ID of MSI.
+pub const CAP_ID_MSI: u8 = 0x05;
+/// At most this many capabilities are followed (48 fit in the 192 bytes after the header), so
+/// that a list with a loop ends.
+const MAX_CAPS: usize = 48;
 
 /// A function on bus 0: device `dev` (0..31), function `func` (0..7).
 #[derive(Clone, Copy)]
@@ -55,6 +67,28 @@ impl Bdf {
     pub fn write(self, reg: u8, v: u32) {
         outl(CONFIG_ADDRESS, self.address(reg));
         outl(CONFIG_DATA, v);
+    }
+
+    /// The offset of the first capability with ID `id` in the capability list, if the status
+    /// register has Capabilities List set and the list holds one. Each entry is read as the
+    /// doubleword at its offset (ID in byte 0, next pointer in byte 1); pointers below 0x40
+    /// (the header) end the list, as does 0.
+    pub fn find_capability(self, id: u8) -> Option<u8> {
+        if self.read(COMMAND) & STATUS_CAP_LIST == 0 {
+            return None;
+        }
+        let mut ptr = self.read(CAP_PTR) as u8 & 0xfc;
+        for _ in 0..MAX_CAPS {
+            if ptr < 0x40 {
+                return None;
+            }
+            let cap = self.read(ptr);
+            if cap as u8 == id {
+                return Some(ptr);
+            }
+            ptr = (cap >> 8) as u8 & 0xfc;
+        }
+        None
     }
 }
 

@@ -1,8 +1,8 @@
 //! VFIO for real: `tests/vfio-tcg/vfio-e2e.sh --edu 2` boots Debian's kernel under QEMU TCG with an
 //! emulated Intel IOMMU and two `edu` PCI devices bound to vfio-pci, and runs vmmd there (on the
 //! nested KVM that TCG's SVM emulation provides) with both devices passed through, each in its own
-//! type1 container. The guest DMAs through edu and takes its interrupts before and after a live
-//! update; a repeated VADDR invalidation, which the real kernel refuses, is rolled back first.
+//! type1 container. The guest DMAs through edu and takes its interrupts (MSI, then INTx with
+//! `msi=off`) before and after a live update; a repeated VADDR invalidation, which the real kernel refuses, is rolled back first.
 //! Its output goes straight to the test log (lines `VFIO-E2E ...`).
 //!
 //! Needs `qemu-system-x86_64` (Debian bookworm-backports `qemu-system-x86`, QEMU 10) and apt
@@ -57,6 +57,7 @@ fn vfio_devices_keep_dma_and_interrupts_across_a_live_update_under_tcg() {
         "VFIO-E2E dma before the updates: DMA OK",
         "VFIO-E2E dma after the refused update: DMA OK",
         "VFIO-E2E dma after the update: DMA OK",
+        "VFIO-E2E intx: dma after the update: DMA OK",
         "VFIO-E2E PASS",
     ] {
         assert!(

@@ -10,6 +10,8 @@
 #   4. `d` again, then `cprctl update` #2 succeeds (new process image, same pid, no device reset);
 #   5. `d` after the update: DMA lands in the same guest RAM, interrupts still arrive, the run and
 #      interrupt counts continue; `v`: guest memory intact (same hash).
+# Steps 2-5 take the device's interrupts by MSI (the guest programs the capability vmmd shows);
+# then a second vmmd with msi=off does `d`, an update and `d` again by INTx.
 # Prints lines starting with "VFIO-E2E"; exits 0 only if every check passed.
 set -u
 D=/run/vm
@@ -38,29 +40,48 @@ field() { echo "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
 
 [ -c /dev/kvm ] || fail "/dev/kvm missing"
 [ -n "${EDU_BDFS:-}" ] || fail "no edu device bound to vfio-pci"
-mkdir -p "$D"
-mkfifo "$D/in"
-DEVICES=""
-i=0
-for bdf in $EDU_BDFS; do
-    DEVICES="$DEVICES --device vfio=/sys/bus/pci/devices/$bdf,container=c$i"
-    i=$((i + 1))
-done
-say "devices:$DEVICES"
-t0=$(up)
-# shellcheck disable=SC2086
-NO_COLOR=1 "$VMMD" --api-socket "$D/api.sock" --kernel "$GUEST" --vcpus 1 --memory size=16M \
-    --serial "socket=$D/console.sock" $DEVICES --fault-inject vfio-invalidate-twice \
-    >"$D/vmmd.log" 2>&1 &
-VPID=$!
-while [ ! -S "$D/console.sock" ]; do
-    kill -0 "$VPID" 2>/dev/null || fail "vmmd exited at start"
-    sleep 0.02
-done
-"$CPRCTL" console --linger-ms 100 "$D/console.sock" <"$D/in" >"$D/console.out" 2>"$D/console.err" &
-exec 3>"$D/in"
-wait_for READY "$D/console.out" 300 || fail "no READY"
-say "READY after $(since "$t0")s"
+# start DEVICE_OPTS VMMD_ARGS...: vmmd with every edu passed through (each in its own container,
+# DEVICE_OPTS appended to each --device), the console attached through fd 3; waits for READY.
+start() {
+    opts=$1
+    shift
+    rm -rf "$D"
+    mkdir -p "$D"
+    mkfifo "$D/in"
+    DEVICES=""
+    i=0
+    for bdf in $EDU_BDFS; do
+        DEVICES="$DEVICES --device vfio=/sys/bus/pci/devices/$bdf,container=c$i$opts"
+        i=$((i + 1))
+    done
+    say "devices:$DEVICES"
+    t0=$(up)
+    # shellcheck disable=SC2086
+    NO_COLOR=1 "$VMMD" --api-socket "$D/api.sock" --kernel "$GUEST" --vcpus 1 --memory size=16M \
+        --serial "socket=$D/console.sock" $DEVICES "$@" >"$D/vmmd.log" 2>&1 &
+    VPID=$!
+    while [ ! -S "$D/console.sock" ]; do
+        kill -0 "$VPID" 2>/dev/null || fail "vmmd exited at start"
+        sleep 0.02
+    done
+    "$CPRCTL" console --linger-ms 100 "$D/console.sock" <"$D/in" >"$D/console.out" 2>"$D/console.err" &
+    exec 3>"$D/in"
+    wait_for READY "$D/console.out" 300 || fail "no READY"
+    say "READY after $(since "$t0")s"
+}
+stop() {
+    exec 3>&-
+    "$CPRCTL" --socket "$D/api.sock" quit >/dev/null 2>&1 || true
+    wait "$VPID" 2>/dev/null
+}
+# expect_dma LINE IRQ WHAT: LINE is a DMA OK answer that took its interrupts by IRQ (msi|intx).
+expect_dma() {
+    case "$1" in "DMA OK "*) ;; *) fail "DMA $3: $1" ;; esac
+    [ "$(field "$1" irq)" = "$2" ] || fail "DMA $3 used irq=$(field "$1" irq), expected $2"
+}
+
+# Part 1: MSI (the guest enables edu's MSI capability as vmmd shows it), a refused update, a good one.
+start "" --fault-inject vfio-invalidate-twice
 grep -a "VFIO" "$D/vmmd.log" | tr -d '\033' | sed 's/^/VFIO-E2E vmmd: /' | head -n 8
 v1=$(ask v "VERIFY" 1)
 case "$v1" in "VERIFY OK "*) ;; *) fail "verify at boot: $v1" ;; esac
@@ -68,7 +89,7 @@ say "boot: $v1"
 
 d1=$(ask d "DMA" 1)
 say "dma before the updates: $d1"
-case "$d1" in "DMA OK "*) ;; *) fail "DMA before the update: $d1" ;; esac
+expect_dma "$d1" msi "before the update"
 
 # Update #1: the injected repeat of the last invalidation, refused by the kernel, rolled back.
 "$CPRCTL" --socket "$D/api.sock" update --binary "$VMMD" >"$D/update1.out" 2>"$D/update1.err"
@@ -79,7 +100,7 @@ grep -q "EINVAL" "$D/update1.err" "$D/update1.out" || fail "update #1 does not n
 grep -q "vfio-dma" "$D/update1.err" "$D/update1.out" || fail "update #1 does not show the vfio-dma compensation"
 d2=$(ask d "DMA" 2)
 say "dma after the refused update: $d2"
-case "$d2" in "DMA OK "*) ;; *) fail "DMA after the rolled-back update: $d2" ;; esac
+expect_dma "$d2" msi "after the rolled-back update"
 
 # Update #2: succeeds.
 pid_before=$VPID
@@ -91,7 +112,7 @@ say "update #2 took $(since "$t")s (wall, inside TCG)"
 kill -0 "$pid_before" || fail "vmmd pid changed"
 d3=$(ask d "DMA" 3)
 say "dma after the update: $d3"
-case "$d3" in "DMA OK "*) ;; *) fail "DMA after the update: $d3" ;; esac
+expect_dma "$d3" msi "after the update"
 r1=$(field "$d1" runs); r3=$(field "$d3" runs)
 i1=$(field "$d1" irqs); i3=$(field "$d3" irqs)
 [ "$r3" -gt "$r1" ] || fail "DMA run count did not continue ($r1 -> $r3)"
@@ -100,7 +121,20 @@ v2=$(ask v "VERIFY" 2)
 [ "$v2" = "$v1" ] || fail "guest memory changed: $v1 -> $v2"
 say "after the update: $v2 (same hash); runs $r1 -> $r3, irqs $i1 -> $i3"
 grep -a "update-vaddr\|vfio-remap\|VFIO" "$D/vmmd.log" | tr -d '\033' | tail -n 6 | sed 's/^/VFIO-E2E vmmd: /'
-exec 3>&-
-"$CPRCTL" --socket "$D/api.sock" quit >/dev/null 2>&1 || true
+stop
+
+# Part 2: INTx (msi=off: the capability is hidden), through one update.
+start ",msi=off"
+d1=$(ask d "DMA" 1)
+say "intx: dma before the update: $d1"
+expect_dma "$d1" intx "before the update (INTx)"
+"$CPRCTL" --socket "$D/api.sock" update --binary "$VMMD" >"$D/update.out" 2>"$D/update.err" ||
+    { cat "$D/update.out" "$D/update.err"; fail "update (INTx)"; }
+grep 'guest paused' "$D/update.out" | sed 's/^/VFIO-E2E intx: update: /'
+d2=$(ask d "DMA" 2)
+say "intx: dma after the update: $d2"
+expect_dma "$d2" intx "after the update (INTx)"
+[ "$(field "$d2" irqs)" -gt "$(field "$d1" irqs)" ] || fail "no INTx interrupts after the update"
+stop
 say PASS
 exit 0

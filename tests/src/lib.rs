@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bins;
+pub mod brownout;
 pub mod console;
 pub mod cpr;
 pub mod dir;
@@ -12,6 +13,7 @@ pub mod guest;
 pub mod qemu;
 pub mod reboot;
 pub mod smaps;
+pub mod svg;
 pub mod vmmd;
 
 pub use api::Api;

@@ -360,6 +360,32 @@ impl Qmp {
     }
 }
 
+/// Where a QEMU's guest RAM lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuRam {
+    /// A shared memfd (`memory-backend-memfd,share=on`); with `aux_ram_share`, also
+    /// `-machine aux-ram-share=on` (cpr-transfer needs both).
+    Memfd {
+        /// `-machine aux-ram-share=on`.
+        aux_ram_share: bool,
+    },
+    /// A shared file (`memory-backend-file,mem-path=…,share=on`), e.g. on /dev/shm: what
+    /// cpr-reboot needs (with `x-ignore-shared`, RAM stays in the file and is not written to the
+    /// state).
+    File(PathBuf),
+}
+
+/// How a QEMU waits for its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// Cold boot.
+    None,
+    /// `-incoming` main and cpr channels (cpr-transfer).
+    CprTransfer,
+    /// `-incoming defer`, then QMP `migrate-incoming` (cpr-reboot, migration from a file).
+    Defer,
+}
+
 /// How every QEMU of one benchmark is started.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -375,6 +401,8 @@ pub struct QemuConfig {
     pub dir: PathBuf,
     /// The console socket the harness listens on.
     pub console: PathBuf,
+    /// Guest RAM.
+    pub ram: QemuRam,
 }
 
 impl QemuConfig {
@@ -393,16 +421,33 @@ impl QemuConfig {
         })
     }
 
-    /// The command line of QEMU number `generation`; with `incoming`, it waits for cpr-transfer.
-    pub fn command(&self, generation: usize, incoming: bool) -> Command {
+    /// The command line of QEMU number `generation`, waiting for its state as `incoming` says.
+    pub fn command(&self, generation: usize, incoming: Incoming) -> Command {
         let mib = self.memory_bytes >> 20;
         let mut cmd = Command::new(&self.binary);
+        let (backend, machine) = match &self.ram {
+            QemuRam::Memfd { aux_ram_share } => (
+                format!("memory-backend-memfd,id=ram0,size={mib}M,share=on"),
+                if *aux_ram_share {
+                    "pc,memory-backend=ram0,aux-ram-share=on"
+                } else {
+                    "pc,memory-backend=ram0"
+                },
+            ),
+            QemuRam::File(path) => (
+                format!(
+                    "memory-backend-file,id=ram0,size={mib}M,mem-path={},share=on",
+                    path.display()
+                ),
+                "pc,memory-backend=ram0",
+            ),
+        };
         cmd.args(["-nodefaults", "-no-user-config", "-display", "none"])
             .args(["-accel", "kvm", "-cpu", "host,-arch-capabilities"])
             .args(["-smp", &self.vcpus.to_string(), "-m", &format!("{mib}M")])
             .arg("-object")
-            .arg(format!("memory-backend-memfd,id=ram0,size={mib}M,share=on"))
-            .args(["-machine", "pc,memory-backend=ram0,aux-ram-share=on"])
+            .arg(backend)
+            .args(["-machine", machine])
             .arg("-chardev")
             .arg(format!(
                 "socket,id=com1,path={},server=off",
@@ -416,11 +461,17 @@ impl QemuConfig {
             ))
             .arg("-kernel")
             .arg(&self.kernel);
-        if incoming {
-            cmd.arg("-incoming")
-                .arg(self.channel("main", generation).to_string())
-                .arg("-incoming")
-                .arg(self.channel("cpr", generation).to_string());
+        match incoming {
+            Incoming::None => {}
+            Incoming::CprTransfer => {
+                cmd.arg("-incoming")
+                    .arg(self.channel("main", generation).to_string())
+                    .arg("-incoming")
+                    .arg(self.channel("cpr", generation).to_string());
+            }
+            Incoming::Defer => {
+                cmd.args(["-incoming", "defer"]);
+            }
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         cmd
@@ -451,26 +502,62 @@ pub struct Transfer {
     pub info: Value,
 }
 
+/// One cpr-reboot's instants (old QEMU: migrate → saved → exited; new: spawned → monitor up →
+/// migrate-incoming → running).
+#[derive(Debug, Clone)]
+pub struct Reboot {
+    /// `migrate file:` issued on the old QEMU.
+    pub migrate: Instant,
+    /// The old QEMU reported the migration completed.
+    pub saved: Instant,
+    /// The old QEMU has exited (QMP `quit`, reaped).
+    pub exited: Instant,
+    /// The new QEMU spawned.
+    pub spawned: Instant,
+    /// Its monitor answered.
+    pub monitor: Instant,
+    /// `migrate-incoming` issued.
+    pub incoming: Instant,
+    /// It reported `running`.
+    pub running: Instant,
+    /// The old QEMU's `query-migrate` once completed.
+    pub info: Value,
+}
+
+/// A [`QemuProcess::save_mapped_ram`]'s instants.
+#[derive(Debug, Clone)]
+pub struct FileSave {
+    /// `stop` issued.
+    pub start: Instant,
+    /// `migrate` issued.
+    pub migrate: Instant,
+    /// The migration reported completed.
+    pub completed: Instant,
+    /// `query-migrate` once completed.
+    pub info: Value,
+}
+
+/// A [`QemuProcess::restore_mapped_ram`]'s instants.
+#[derive(Debug, Clone)]
+pub struct FileRestore {
+    /// QEMU spawned.
+    pub spawned: Instant,
+    /// Its monitor answered.
+    pub monitor: Instant,
+    /// `migrate-incoming` issued.
+    pub incoming: Instant,
+    /// The load reported completed.
+    pub loaded: Instant,
+    /// The guest runs (after `cont`).
+    pub running: Instant,
+    /// The new QEMU's `query-migrate` once completed.
+    pub info: Value,
+}
+
 impl QemuProcess {
     /// Starts the first QEMU (cold boot).
     pub fn boot(config: &QemuConfig) -> Result<Self> {
-        let mut child = config
-            .command(0, false)
-            .spawn()
-            .with_context(|| format!("spawn {}", config.binary.display()))?;
-        let qmp = match Qmp::connect(&config.unix("qmp", 0), Duration::from_secs(30)) {
-            Ok(q) => q,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
-        };
-        Ok(Self {
-            child,
-            qmp,
-            generation: 0,
-        })
+        Self::spawn(config, 0, Incoming::None)
     }
 
     /// Live-updates into a new QEMU with cpr-transfer, quits this one and returns the new one.
@@ -481,7 +568,7 @@ impl QemuProcess {
         }
         let spawned = Instant::now();
         let mut child = config
-            .command(generation, true)
+            .command(generation, Incoming::CprTransfer)
             .spawn()
             .with_context(|| format!("spawn {}", config.binary.display()))?;
         let result = (|| -> Result<(Qmp, Transfer)> {
@@ -554,6 +641,181 @@ impl QemuProcess {
                 generation,
             },
             transfer,
+        ))
+    }
+
+    /// Starts QEMU number `generation` waiting for its state as `incoming` says, and connects to
+    /// its monitor.
+    pub fn spawn(config: &QemuConfig, generation: usize, incoming: Incoming) -> Result<Self> {
+        for name in ["main", "cpr", "qmp"] {
+            let _ = std::fs::remove_file(config.unix(name, generation));
+        }
+        let mut child = config
+            .command(generation, incoming)
+            .spawn()
+            .with_context(|| format!("spawn {}", config.binary.display()))?;
+        match Qmp::connect(&config.unix("qmp", generation), Duration::from_secs(30)) {
+            Ok(qmp) => Ok(Self {
+                child,
+                qmp,
+                generation,
+            }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+
+    /// This QEMU's number: 0 for the cold boot, +1 for each QEMU that took over from another.
+    pub fn generation(&self) -> usize {
+        self.generation
+    }
+
+    /// Sets migration capabilities, e.g. `[("mapped-ram", true)]`.
+    pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<()> {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({ "capability": c, "state": on }))
+            .collect();
+        self.qmp
+            .execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+        Ok(())
+    }
+
+    /// Polls `query-migrate` until the migration completed and returns its answer.
+    fn wait_migration(&mut self, what: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.qmp.execute("query-migrate", json!({}))?;
+            match info["status"].as_str() {
+                Some("completed") => return Ok(info),
+                Some("failed" | "cancelled") => bail!("{what} failed: {info}"),
+                _ => {}
+            }
+            ensure!(Instant::now() < deadline, "{what} not completed: {info}");
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    }
+
+    /// Polls `query-status` until the guest runs; `cont` when the load left it paused (the source
+    /// was stopped before it saved).
+    fn wait_running(&mut self, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.qmp.status()?.as_str() {
+                "running" => return Ok(Instant::now()),
+                "paused" => {
+                    self.qmp.execute("cont", json!({}))?;
+                }
+                status => ensure!(
+                    Instant::now() < deadline,
+                    "QEMU still {status} after {timeout:?}"
+                ),
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// QEMU's cpr-reboot, with no reboot: `mode=cpr-reboot` and `x-ignore-shared` (guest RAM
+    /// stays in its shared file, [`QemuRam::File`]), `migrate file:STATE` (the VM stops), quit,
+    /// start a new QEMU on the same RAM file with `-incoming defer`, `migrate-incoming
+    /// file:STATE`; returns the new QEMU once the guest runs.
+    pub fn cpr_reboot(mut self, config: &QemuConfig, state: &Path) -> Result<(Self, Reboot)> {
+        ensure!(
+            matches!(config.ram, QemuRam::File(_)),
+            "cpr-reboot needs file-backed guest RAM"
+        );
+        let uri = format!("file:{}", state.display());
+        let _ = std::fs::remove_file(state);
+        self.qmp
+            .execute("migrate-set-parameters", json!({ "mode": "cpr-reboot" }))?;
+        self.set_capabilities(&[("x-ignore-shared", true)])?;
+        let migrate = Instant::now();
+        self.qmp.execute("migrate", json!({ "uri": uri }))?;
+        let info = self.wait_migration("cpr-reboot save", Duration::from_secs(60))?;
+        let saved = Instant::now();
+        self.quit();
+        let exited = Instant::now();
+        let generation = self.generation + 1;
+        drop(self);
+        let spawned = Instant::now();
+        let mut new = Self::spawn(config, generation, Incoming::Defer)?;
+        let monitor = Instant::now();
+        new.qmp
+            .execute("migrate-set-parameters", json!({ "mode": "cpr-reboot" }))?;
+        new.set_capabilities(&[("x-ignore-shared", true)])?;
+        let incoming = Instant::now();
+        new.qmp.execute("migrate-incoming", json!({ "uri": uri }))?;
+        let running = new.wait_running(Duration::from_secs(60))?;
+        Ok((
+            new,
+            Reboot {
+                migrate,
+                saved,
+                exited,
+                spawned,
+                monitor,
+                incoming,
+                running,
+                info,
+            },
+        ))
+    }
+
+    /// Normal migration to a file (`migrate file:PATH`) with the `mapped-ram` capability, as
+    /// `virsh save` does it: `stop`, then migrate; returns once it completed. The VM stays stopped
+    /// (`postmigrate`).
+    pub fn save_mapped_ram(&mut self, path: &Path) -> Result<FileSave> {
+        let _ = std::fs::remove_file(path);
+        self.set_capabilities(&[("mapped-ram", true)])?;
+        let start = Instant::now();
+        self.qmp.execute("stop", json!({}))?;
+        let migrate = Instant::now();
+        self.qmp.execute(
+            "migrate",
+            json!({ "uri": format!("file:{}", path.display()) }),
+        )?;
+        let info = self.wait_migration("mapped-ram save", Duration::from_secs(600))?;
+        Ok(FileSave {
+            start,
+            migrate,
+            completed: Instant::now(),
+            info,
+        })
+    }
+
+    /// Starts QEMU number `generation` with `-incoming defer` and restores it from a
+    /// [`QemuProcess::save_mapped_ram`] file (`mapped-ram` on, `migrate-incoming file:PATH`,
+    /// `cont`); returns it once the guest runs.
+    pub fn restore_mapped_ram(
+        config: &QemuConfig,
+        generation: usize,
+        path: &Path,
+    ) -> Result<(Self, FileRestore)> {
+        let spawned = Instant::now();
+        let mut new = Self::spawn(config, generation, Incoming::Defer)?;
+        let monitor = Instant::now();
+        new.set_capabilities(&[("mapped-ram", true)])?;
+        let incoming = Instant::now();
+        new.qmp.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("file:{}", path.display()) }),
+        )?;
+        let info = new.wait_migration("mapped-ram restore", Duration::from_secs(600))?;
+        let loaded = Instant::now();
+        let running = new.wait_running(Duration::from_secs(60))?;
+        Ok((
+            new,
+            FileRestore {
+                spawned,
+                monitor,
+                incoming,
+                loaded,
+                running,
+                info,
+            },
         ))
     }
 
@@ -686,9 +948,12 @@ mod tests {
             memory_bytes: 256 << 20,
             dir: "/d".into(),
             console: "/d/com1.sock".into(),
+            ram: QemuRam::Memfd {
+                aux_ram_share: true,
+            },
         };
         let args: Vec<String> = c
-            .command(3, true)
+            .command(3, Incoming::CprTransfer)
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
@@ -698,5 +963,20 @@ mod tests {
         assert!(joined.contains("/d/cpr3.sock"));
         assert!(joined.contains("\"channel-type\":\"main\""));
         assert!(joined.contains("-smp 2"));
+        let c = QemuConfig {
+            ram: QemuRam::File("/dev/shm/g.ram".into()),
+            ..c
+        };
+        let joined = c
+            .command(1, Incoming::Defer)
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined
+            .contains("memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/g.ram,share=on"));
+        assert!(joined.contains("-machine pc,memory-backend=ram0 "));
+        assert!(joined.contains("-incoming defer"));
+        assert!(!joined.contains("aux-ram-share"));
     }
 }

@@ -19,6 +19,9 @@ pub const CONSOLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
+/// How often a starting vmmd's API is polled by default.
+const API_POLL: Duration = Duration::from_millis(10);
+
 /// How to start vmmd.
 #[derive(Debug, Clone)]
 pub struct VmmdOptions {
@@ -130,18 +133,28 @@ impl std::fmt::Debug for VmmdProcess {
 impl VmmdProcess {
     /// Starts vmmd and waits until its API answers Info; panics (with the log) if it does not.
     pub fn spawn(opts: VmmdOptions) -> Self {
-        Self::start(opts, false).0
+        Self::start(opts, false, API_POLL).0
     }
 
     /// Like [`VmmdProcess::spawn`], but connects the console from the moment vmmd starts, so
     /// that the first guest output is timestamped when it is produced rather than on a late connect.
     pub fn spawn_with_console(opts: VmmdOptions) -> (Self, Console) {
-        let (vmm, console) = Self::start(opts, true);
+        Self::spawn_with_console_polling(opts, API_POLL)
+    }
+
+    /// Like [`VmmdProcess::spawn_with_console`], polling for the API every `api_poll` (the
+    /// benchmark times vmmd's start-up: it polls every millisecond, not every 10).
+    pub fn spawn_with_console_polling(opts: VmmdOptions, api_poll: Duration) -> (Self, Console) {
+        let (vmm, console) = Self::start(opts, true, api_poll);
         let console = console.unwrap_or_else(|| vmm.console());
         (vmm, console)
     }
 
-    fn start(opts: VmmdOptions, early_console: bool) -> (Self, Option<Console>) {
+    fn start(
+        opts: VmmdOptions,
+        early_console: bool,
+        api_poll: Duration,
+    ) -> (Self, Option<Console>) {
         let dir = opts.dir.clone().unwrap_or_else(|| TestDir::new("vmmd"));
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let api_socket = opts
@@ -230,7 +243,7 @@ impl VmmdProcess {
                     read_log(&log_path)
                 );
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(api_poll);
         };
         let api_ready_at = Instant::now();
         let console = early.map(|t| t.join().expect("console connect thread panicked"));

@@ -437,6 +437,7 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let kvm_err = |op| move |source| VmError::Kvm { op, source };
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        lap("vm created");
         vm_fd
             .set_tss_address(TSS_ADDR)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
@@ -444,6 +445,7 @@ impl Vm {
             .set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         let mut vfio_fds = Vec::new();
+        lap("vm set up");
         let (ram, console, inherited) = match inherited {
             Some(i) => (
                 GuestRam::inherited(i.ram, &config.memory)?,

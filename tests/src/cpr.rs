@@ -12,7 +12,7 @@ use vmmd_proto::v1::{InfoResponse, RunState};
 
 use crate::{bins, Api, VmmdProcess};
 
-/// The ELF interpreter of a dynamically linked x86-64 vmmd.
+/// The ELF interpreter of a dynamically linked x86-64 program.
 const INTERPRETER: &[u8] = b"/lib64/ld-linux-x86-64.so.2";
 
 /// What one `cprctl --json update` run printed.
@@ -186,14 +186,16 @@ pub fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
     path
 }
 
-/// A copy of vmmd whose ELF interpreter path names a file that does not exist: it passes every
-/// check made before the exec (exists, executable, ELF), and `execve` fails with ENOENT.
+/// An ELF executable whose interpreter path names a file that does not exist: it passes every check
+/// vmmd makes before the exec (exists, executable, ELF), and `execve` fails with ENOENT. vmmd itself
+/// is linked statically (no interpreter), so this is a patched copy of the system's dynamically
+/// linked `/bin/true`.
 pub fn vmmd_with_missing_interpreter(dir: &Path) -> PathBuf {
-    let mut bytes = std::fs::read(bins::vmmd()).expect("cannot read vmmd");
+    let mut bytes = std::fs::read("/bin/true").expect("cannot read /bin/true");
     let at = bytes
         .windows(INTERPRETER.len())
         .position(|w| w == INTERPRETER)
-        .expect("vmmd has no /lib64/ld-linux-x86-64.so.2 interpreter (statically linked?)");
+        .expect("/bin/true has no /lib64/ld-linux-x86-64.so.2 interpreter");
     let missing = b"/nonexistent/ld-linux-x86.so";
     let mut replacement = missing[..INTERPRETER.len().min(missing.len())].to_vec();
     replacement.resize(INTERPRETER.len(), b'x');
@@ -247,5 +249,12 @@ pub fn alt_version_vmmd() -> PathBuf {
     } else {
         "debug"
     };
-    target.join(dir).join("vmmd")
+    // With `build.target` set (.cargo/config.toml) cargo puts the binary under the target triple.
+    let triple = bin_dir
+        .parent()
+        .and_then(Path::file_name)
+        .filter(|n| *n != "target")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    target.join(triple).join(dir).join("vmmd")
 }

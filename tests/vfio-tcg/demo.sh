@@ -14,7 +14,7 @@ if [ -n "${CPR_BIN_DIR:-}" ]; then
 else
     command -v cargo >/dev/null || { echo "demo.sh: error: cargo not found (or set CPR_BIN_DIR)" >&2; exit 2; }
     (cd "$REPO" && cargo build --release -p vmmd -p cprctl -p cpr-testguest)
-    BIN=${CARGO_TARGET_DIR:-$REPO/target}/release
+    BIN=${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release
 fi
 for b in vmmd cprctl cpr-testguest; do
     [ -f "$BIN/$b" ] || { echo "demo.sh: error: $BIN/$b missing" >&2; exit 2; }

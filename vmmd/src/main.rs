@@ -363,6 +363,25 @@ async fn serve(prepared: Prepared) -> Result<u8, MainError> {
     }
     {
         let mut vm = handle.vm();
+        // After a completed save a successor is about to load the state: exit now and leave the
+        // teardown (guest RAM, the KVM VM) to a child, off the guest's way back.
+        if vm.shut_down_after_save() {
+            // The successor binds the console socket: the child must not hold it.
+            vm.close_console();
+            match cpr_exec::detach_teardown() {
+                Ok(pid) => {
+                    info!(
+                        code,
+                        teardown_pid = pid,
+                        "vmmd exits; a child finishes the teardown"
+                    );
+                    std::process::exit(code);
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot hand the teardown to a child; tearing down here")
+                }
+            }
+        }
         vm.shut_down("vmmd exit");
     }
     drop(handle);

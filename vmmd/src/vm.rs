@@ -401,6 +401,8 @@ pub struct Vm {
     workflow_step: String,
     /// The runstate a completed save started from (what `resume` from postmigrate returns to).
     saved_from: Option<SavedRunState>,
+    /// Shut down straight from `postmigrate`: the state was handed to a successor.
+    shut_down_after_save: bool,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
     _kvm: Kvm,
@@ -569,6 +571,7 @@ impl Vm {
             update_status: String::new(),
             workflow_step: String::new(),
             saved_from: None,
+            shut_down_after_save: false,
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
             vfio,
@@ -714,6 +717,7 @@ impl Vm {
     /// Stops the VM for good (quit or guest poweroff).
     pub fn shut_down(&mut self, reason: &str) {
         if self.run_state != RunState::Shutdown {
+            self.shut_down_after_save = self.run_state == RunState::PostMigrate;
             if let Err(e) = self.pause_vcpus() {
                 warn!(error = %e, "vCPUs did not stop cleanly at shutdown");
             }
@@ -806,6 +810,16 @@ impl Vm {
             ));
         }
         blockers
+    }
+
+    /// Whether the VM was shut down right after a completed save (a successor loads its state).
+    pub fn shut_down_after_save(&self) -> bool {
+        self.shut_down_after_save || self.run_state == RunState::PostMigrate
+    }
+
+    /// Stops the console and removes its socket (before the process exits and a successor binds it).
+    pub fn close_console(&mut self) {
+        drop(self.console.take());
     }
 
     /// Live updates this guest has been through.

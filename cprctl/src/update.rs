@@ -42,6 +42,7 @@ const CARRIED_FLAGS_WITH_VALUE: &[&str] = &[
     "--cpr-incoming-timeout",
     "--device",
     "--vfio-model",
+    "--populate-after-load",
 ];
 /// Switches carried over to the new process.
 const CARRIED_SWITCHES: &[&str] = &[

@@ -46,6 +46,8 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 const RAM_CHUNK: usize = 8 << 20;
 const PROGRESS_EVERY: u64 = 64 << 20;
 const CONSOLE_BUFFER: usize = 1 << 20;
+/// Guest RAM populated per step after a load (see `GuestRam::populate_in_background`).
+const POPULATE_CHUNK: usize = 32 << 20;
 /// Guest RAM unmapped per step before a cpr-exec (see `GuestRam::drop_host_mappings`).
 const UNMAP_CHUNK: usize = 16 << 20;
 /// Whether the one-shot `--fault-inject vfio-invalidate-twice` has fired in this process.
@@ -101,6 +103,8 @@ pub struct VmConfig {
     pub fault: Option<FaultInjection>,
     /// VFIO passthrough devices.
     pub vfio: VfioConfig,
+    /// Populate guest RAM's host mappings in the background after a load without RAM.
+    pub populate_after_load: bool,
 }
 
 /// Failures a test can inject into an incoming load, to exercise cpr-exec rollback.
@@ -1476,6 +1480,15 @@ impl Vm {
             SavedRunState::Suspended => RunState::Suspended,
         };
         clock.lap("resume");
+        if !has_ram && self.config.populate_after_load {
+            // The RAM is a fresh mapping of existing pages: map them before the guest faults on them.
+            if let Err(e) = self
+                .ram
+                .populate_in_background(POPULATE_CHUNK, Duration::ZERO)
+            {
+                warn!(error = %e, "cannot start populating guest RAM in the background");
+            }
+        }
         // What this process saw of the guest's pause; a cpr-exec load knows the whole of it.
         report.downtime = clock.start.elapsed();
         if let Some(ctx) = self.inherited.take() {

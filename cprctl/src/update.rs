@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `preflight` | vmmd reachable and in a state that can be updated, no cpr-exec blockers, NEW exists and is executable, NEW itself says it reads this state-format version, NEW's version | nothing changed |
 //! | `set-mode` | migration mode `cpr-exec` with NEW's command line | the previous migration parameters are put back |
-//! | `exec` | Migrate `file:STATE`: inside vmmd, pause, save state without RAM, hand fds over, `execve` NEW (same PID) | vmmd resumes the guest itself when anything fails before `execve`; cprctl checks and resumes it if it was left paused |
+//! | `exec` | Migrate `file:STATE`: inside vmmd, pause, [invalidate VFIO DMA host addresses per container,] save state without RAM, hand fds over, `execve` NEW (same PID) | vmmd resumes the guest itself when anything fails before `execve` (re-mapping the VFIO containers it had invalidated: shown as `vfio-dma`); cprctl checks and resumes it if it was left paused |
 //! | `wait-new-process` | Info on the inherited socket until the new process answers (or vmmd has rolled back) | a new binary that cannot load the state is rolled back by vmmd itself |
 //! | `migrate-incoming` | only with `--load deferred`: MigrateIncoming `file:STATE` | as above; if cprctl dies before this step, vmmd's `--cpr-incoming-timeout` deadline rolls back |
 //! | `verify` | same pid, generation + 1, NEW's version, the runstate from before | none: the update happened; the report says what did not match |

@@ -58,13 +58,23 @@ fn roll_back_or_fail(i: &Inheritance, e: &VmError) -> MainError {
 
 fn main() -> ExitCode {
     let started_ns = monotonic_ns();
+    // The VM is made in parallel with parsing the arguments and the hand-over, unless this run only
+    // answers a question (`--check-state-version`, `--help`, `--version`).
+    let answers_only = std::env::args_os().skip(1).any(|a| {
+        let a = a.as_encoded_bytes();
+        a.starts_with(b"--check-state-version")
+            || [&b"--help"[..], b"-h", b"--version", b"-V"].contains(&a)
+    });
+    let early = (!answers_only)
+        .then(vm::EarlyVm::start)
+        .and_then(Result::ok);
     let cli = Cli::parse();
     if let Some(v) = cli.check_state_version {
         return check_state_version(v);
     }
     init_logging(&cli);
     // The guest first (a cpr-exec successor resumes it here), the async runtime and API after.
-    let result = prepare(&cli, started_ns).and_then(|prepared| {
+    let result = prepare(&cli, started_ns, early).and_then(|prepared| {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -192,7 +202,7 @@ struct Prepared {
     defer_deadline: Option<Duration>,
 }
 
-fn prepare(cli: &Cli, started_ns: u64) -> Result<Prepared, MainError> {
+fn prepare(cli: &Cli, started_ns: u64, early: Option<vm::EarlyVm>) -> Result<Prepared, MainError> {
     let inheritance = Inheritance::from_env(started_ns)?;
     vcpu::install_kick_handler()?;
     if let Some(i) = &inheritance {
@@ -222,7 +232,7 @@ fn prepare(cli: &Cli, started_ns: u64) -> Result<Prepared, MainError> {
         None => None,
     };
     let incoming = config.incoming.clone();
-    let created = Vm::create(config, events.clone(), vcpu_tx, vm_part);
+    let created = Vm::create(config, events.clone(), vcpu_tx, vm_part, early);
     let mut vm = match (created, &inheritance) {
         (Ok(vm), _) => vm,
         (Err(e), Some(i)) => return Err(roll_back_or_fail(i, &e)),

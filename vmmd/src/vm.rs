@@ -429,27 +429,58 @@ struct InheritedContext {
     started_ns: u64,
 }
 
+/// `/dev/kvm` opened and an empty VM created (TSS and identity map placed): what does not depend on
+/// the configuration. [`EarlyVm::start`] does it on a thread while `main` parses its arguments and
+/// the hand-over, which takes it out of a cpr-exec successor's start-up.
+pub struct EarlyVm(std::thread::JoinHandle<Result<(Kvm, VmFd), VmError>>);
+
+impl EarlyVm {
+    /// Starts creating the VM on a thread.
+    pub fn start() -> std::io::Result<EarlyVm> {
+        std::thread::Builder::new()
+            .name("vmmd-early-vm".into())
+            .spawn(new_kvm_vm)
+            .map(EarlyVm)
+    }
+
+    fn join(self) -> Result<(Kvm, VmFd), VmError> {
+        self.0
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Injected("the VM-creating thread panicked")))
+    }
+}
+
+fn new_kvm_vm() -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
+    let kvm_err = |op| move |source| VmError::Kvm { op, source };
+    let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm_fd
+        .set_tss_address(TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm_fd
+        .set_identity_map_address(IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    Ok((kvm, vm_fd))
+}
+
 impl Vm {
-    /// Builds the VM with its vCPUs parked: KVM VM, RAM slots, irqchip, PIT, vCPUs, devices.
+    /// Builds the VM with its vCPUs parked: KVM VM (the one `early` made, when given), RAM slots,
+    /// irqchip, PIT, vCPUs, devices.
     pub fn create(
         config: VmConfig,
         events: EventBus,
         vcpu_events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
         inherited: Option<Inherited>,
+        early: Option<EarlyVm>,
     ) -> Result<Vm, VmError> {
         let t0 = Instant::now();
         let lap =
             |what: &str| tracing::debug!(at_us = t0.elapsed().as_micros() as u64, what, "create");
-        let kvm = Kvm::new().map_err(VmError::KvmOpen)?;
         let kvm_err = |op| move |source| VmError::Kvm { op, source };
-        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        lap("vm created");
-        vm_fd
-            .set_tss_address(TSS_ADDR)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd
-            .set_identity_map_address(IDENTITY_MAP_ADDR)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        let (kvm, vm_fd) = match early {
+            Some(e) => e.join()?,
+            None => new_kvm_vm()?,
+        };
         let mut vfio_fds = Vec::new();
         lap("vm set up");
         let (ram, console, inherited) = match inherited {

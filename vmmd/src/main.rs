@@ -374,8 +374,9 @@ async fn serve(prepared: Prepared) -> Result<u8, MainError> {
     {
         let mut vm = handle.vm();
         // After a completed save a successor is about to load the state: exit now and leave the
-        // teardown (guest RAM, the KVM VM) to a child, off the guest's way back.
-        if vm.shut_down_after_save() {
+        // teardown (guest RAM, the KVM VM) to a child, off the guest's way back. Not with VFIO: the
+        // successor must be able to open the device's group, which the child would still hold.
+        if vm.shut_down_after_save() && !vm.has_vfio() {
             // The successor binds the console socket: the child must not hold it.
             vm.close_console();
             match cpr_exec::detach_teardown() {

@@ -852,6 +852,11 @@ impl Vm {
         self.shut_down_after_save || self.run_state == RunState::PostMigrate
     }
 
+    /// Whether VFIO devices are configured.
+    pub fn has_vfio(&self) -> bool {
+        self.vfio.is_some()
+    }
+
     /// Stops the console and removes its socket (before the process exits and a successor binds it).
     pub fn close_console(&mut self) {
         drop(self.console.take());

@@ -9,7 +9,3 @@ pub mod uri;
 pub use mode::MigrationMode;
 pub use size::{parse_size, SizeError};
 pub use uri::{MigrationUri, UriError};
-
-/// Prefix of a cpr-reboot blocker that suspending the guest (S3) clears: `cprctl reboot-prep
-/// --suspend` goes ahead despite it, and vmmd checks again once the guest is suspended.
-pub const BLOCKER_UNTIL_SUSPENDED: &str = "until the guest is suspended: ";

@@ -84,6 +84,8 @@ pub struct StatusView {
     pub cpr_exec_blockers: Vec<String>,
     /// Why cpr-reboot is not possible right now (empty: it is).
     pub cpr_reboot_blockers: Vec<String>,
+    /// Those of `cpr_reboot_blockers` that suspending the guest clears (`reboot-prep --suspend`).
+    pub cpr_reboot_blockers_cleared_by_suspend: Vec<String>,
     /// The last workflow step an orchestrator reported; `null` when none.
     pub workflow_step: Option<String>,
 }
@@ -142,6 +144,7 @@ impl From<InfoResponse> for StatusView {
             update_status: non_empty(info.update_status),
             cpr_exec_blockers: info.cpr_exec_blockers,
             cpr_reboot_blockers: info.cpr_reboot_blockers,
+            cpr_reboot_blockers_cleared_by_suspend: info.cpr_reboot_blockers_cleared_by_suspend,
             workflow_step: non_empty(info.workflow_step),
         }
     }
@@ -169,7 +172,13 @@ impl Render for StatusView {
         if !self.cpr_reboot_blockers.is_empty() {
             let _ = writeln!(s, "cpr-reboot: blocked");
             for b in &self.cpr_reboot_blockers {
-                let _ = writeln!(s, "  - {b}");
+                let cleared = self.cpr_reboot_blockers_cleared_by_suspend.contains(b);
+                let note = if cleared {
+                    " (cleared by reboot-prep --suspend)"
+                } else {
+                    ""
+                };
+                let _ = writeln!(s, "  - {b}{note}");
             }
         }
         if self.cpr_exec_blockers.is_empty() {
@@ -595,6 +604,7 @@ mod tests {
                 "update_status": null,
                 "cpr_exec_blockers": ["RAM is private"],
                 "cpr_reboot_blockers": [],
+                "cpr_reboot_blockers_cleared_by_suspend": [],
                 "workflow_step": null,
             })
         );

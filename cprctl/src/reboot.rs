@@ -982,7 +982,8 @@ impl Prep<'_> {
             .cpr_reboot_blockers
             .iter()
             .filter(|b| {
-                !(self.args.wants_suspend() && b.starts_with(cpr_common::BLOCKER_UNTIL_SUSPENDED))
+                !(self.args.wants_suspend()
+                    && info.cpr_reboot_blockers_cleared_by_suspend.contains(b))
             })
             .cloned()
             .collect();

@@ -329,6 +329,12 @@ fn cpr_reboot_with_vfio_needs_a_suspended_guest() {
         "{:?}",
         info.cpr_reboot_blockers
     );
+    assert_eq!(
+        info.cpr_reboot_blockers_cleared_by_suspend.len(),
+        1,
+        "the VFIO blocker is the one a suspend clears: {:?}",
+        info.cpr_reboot_blockers_cleared_by_suspend
+    );
     let saved = g.dir.join("reboot.state");
     let r = reboot_prep(&g.vmm.api_socket, &saved, &[]);
     assert_eq!(

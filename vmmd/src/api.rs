@@ -246,7 +246,10 @@ impl Vmm for VmmApi {
                     vm.cpr_exec_blockers(),
                     vm.generation(),
                     vm.update_status().to_string(),
-                    vm.cpr_reboot_blockers(),
+                    (
+                        vm.cpr_reboot_blockers(),
+                        vm.cpr_reboot_blockers_cleared_by_suspend(),
+                    ),
                     vm.workflow_step().to_string(),
                 ))
             })
@@ -287,7 +290,8 @@ impl Vmm for VmmApi {
                 .unwrap_or_default(),
             state_format_version: cpr_common::state::STATE_FORMAT_VERSION,
             update_status: status,
-            cpr_reboot_blockers: reboot_blockers,
+            cpr_reboot_blockers: reboot_blockers.0,
+            cpr_reboot_blockers_cleared_by_suspend: reboot_blockers.1,
             command_line: std::env::args().collect(),
             workflow_step,
         }))

@@ -828,7 +828,7 @@ impl Vm {
 
     /// Why cpr-reboot cannot run now (empty when it can).
     pub fn cpr_reboot_blockers(&self) -> Vec<String> {
-        let mut blockers = Vec::new();
+        let mut blockers = self.cpr_reboot_blockers_cleared_by_suspend();
         if self.config.memory.path.is_none() {
             blockers.push(
                 "guest RAM is an anonymous memfd, which does not outlive the vmmd process: start vmmd \
@@ -836,13 +836,19 @@ impl Vm {
                     .to_string(),
             );
         }
+        blockers
+    }
+
+    /// The cpr-reboot blockers that suspending the guest (S3) clears.
+    pub fn cpr_reboot_blockers_cleared_by_suspend(&self) -> Vec<String> {
+        let mut blockers = Vec::new();
         if self.vfio.is_some() && self.run_state != RunState::Suspended {
-            blockers.push(format!(
-                "{}VFIO devices keep DMA-ing into guest RAM and their IOMMU mappings do not \
-                 survive a host reboot: suspend the guest first (cprctl reboot-prep --suspend, or \
-                 system_suspend), then retry",
-                cpr_common::BLOCKER_UNTIL_SUSPENDED
-            ));
+            blockers.push(
+                "VFIO devices keep DMA-ing into guest RAM and their IOMMU mappings do not survive \
+                 a host reboot: suspend the guest first (cprctl reboot-prep --suspend, or \
+                 system_suspend), then retry"
+                    .to_string(),
+            );
         }
         blockers
     }

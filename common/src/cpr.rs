@@ -31,6 +31,12 @@ pub mod fd_names {
     /// The pipe that keeps the previous process's address space alive (see vmmd's
     /// `AddressSpaceKeeper`); retired with the old VM. Starts with [`RETIRED_KVM_PREFIX`].
     pub const ADDRESS_SPACE_KEEPER: &str = "retired-kvm-address-space";
+    /// The new process's end of the cpr-exec bridge's control socket: the previous process's
+    /// vCPU and console loops still run the guest, and hand it over on request (vmmd's
+    /// `cpr::bridge`). Closing it lets the bridge end.
+    pub const BRIDGE_CONTROL: &str = "cpr-bridge";
+    /// Prefix of pidfds of the bridge's processes, which the new process reaps.
+    pub const BRIDGE_TASK_PREFIX: &str = "cpr-bridge-task";
 }
 
 /// What the next process needs besides the state file.
@@ -116,36 +122,12 @@ impl CprHandover {
 
     /// Encodes with magic, version and CRC32C.
     pub fn encode(&self) -> Result<Vec<u8>, HandoverError> {
-        let body = postcard::to_allocvec(self).map_err(HandoverError::Codec)?;
-        let mut out = Vec::with_capacity(body.len() + 20);
-        out.extend_from_slice(&HANDOVER_MAGIC);
-        out.extend_from_slice(&HANDOVER_VERSION.to_le_bytes());
-        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&body);
-        Ok(out)
+        frame(HANDOVER_MAGIC, HANDOVER_VERSION, self)
     }
 
     /// Decodes and checks.
     pub fn decode(bytes: &[u8]) -> Result<CprHandover, HandoverError> {
-        let bad = |s: &str| HandoverError::Invalid(s.to_string());
-        if bytes.len() < 20 || bytes[..8] != HANDOVER_MAGIC {
-            return Err(bad("bad magic"));
-        }
-        let word =
-            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
-        let version = word(8);
-        if version != HANDOVER_VERSION {
-            return Err(HandoverError::Invalid(format!(
-                "version {version}, this vmmd speaks {HANDOVER_VERSION}"
-            )));
-        }
-        let (crc, len) = (word(12), word(16) as usize);
-        let body = bytes.get(20..20 + len).ok_or_else(|| bad("truncated"))?;
-        if crc32c::crc32c(body) != crc {
-            return Err(bad("checksum mismatch"));
-        }
-        postcard::from_bytes(body).map_err(HandoverError::Codec)
+        unframe(HANDOVER_MAGIC, HANDOVER_VERSION, bytes)
     }
 
     /// Writes the hand-over into a new memfd (close-on-exec: the exec path clears the flag itself, so a
@@ -185,6 +167,100 @@ impl CprHandover {
         drop(file);
         Ok(Some(CprHandover::decode(&bytes)?))
     }
+}
+
+/// Length of the header [`frame`] puts before the body: magic, version, CRC32C, length.
+pub const FRAME_HEADER: usize = 20;
+
+/// `magic`, `version`, the body's CRC32C and length, then `value` in postcard.
+pub fn frame<T: serde::Serialize>(
+    magic: [u8; 8],
+    version: u32,
+    value: &T,
+) -> Result<Vec<u8>, HandoverError> {
+    let body = postcard::to_allocvec(value).map_err(HandoverError::Codec)?;
+    let mut out = Vec::with_capacity(body.len() + FRAME_HEADER);
+    out.extend_from_slice(&magic);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// The body length a [`frame`] header announces, after checking magic and version.
+pub fn frame_body_len(magic: [u8; 8], version: u32, header: &[u8]) -> Result<usize, HandoverError> {
+    let bad = |s: &str| HandoverError::Invalid(s.to_string());
+    if header.len() < FRAME_HEADER || header[..8] != magic {
+        return Err(bad("bad magic"));
+    }
+    let word = |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    let found = word(8);
+    if found != version {
+        return Err(HandoverError::Invalid(format!(
+            "version {found}, this vmmd speaks {version}"
+        )));
+    }
+    Ok(word(16) as usize)
+}
+
+/// Checks and decodes what [`frame`] wrote.
+pub fn unframe<T: serde::de::DeserializeOwned>(
+    magic: [u8; 8],
+    version: u32,
+    bytes: &[u8],
+) -> Result<T, HandoverError> {
+    let len = frame_body_len(magic, version, bytes)?;
+    let crc = u32::from_le_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+    let body = bytes
+        .get(FRAME_HEADER..FRAME_HEADER + len)
+        .ok_or_else(|| HandoverError::Invalid("truncated".into()))?;
+    if crc32c::crc32c(body) != crc {
+        return Err(HandoverError::Invalid("checksum mismatch".into()));
+    }
+    postcard::from_bytes(body).map_err(HandoverError::Codec)
+}
+
+/// Magic of a [`BridgeReply`] frame.
+pub const BRIDGE_REPLY_MAGIC: [u8; 8] = *b"VMMDBRGR";
+/// Version of the [`BridgeReply`] layout.
+pub const BRIDGE_REPLY_VERSION: u32 = 1;
+
+/// What the cpr-exec bridge answers when the new process asks for the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BridgeReply {
+    /// Ok: the state file is written and the bridge's vCPUs are stopped for good. Err: why the
+    /// state could not be saved; the guest runs on in the bridge.
+    pub saved: Result<(), String>,
+    /// CLOCK_MONOTONIC (ns) when the bridge was asked to stop the vCPUs.
+    pub paused_at_ns: u64,
+    /// Phases the bridge timed (name, microseconds).
+    pub phases: Vec<(String, u64)>,
+    /// Guest console output the bridge had not delivered.
+    pub console_pending_out: Vec<u8>,
+    /// Console input the bridge had read but the UART had not taken.
+    pub console_pending_in: Vec<u8>,
+    /// Guest requests (power off, suspend, reset) and vCPU failures seen while bridged, for the
+    /// new process to act on.
+    pub guest_events: Vec<BridgedEvent>,
+}
+
+/// A vCPU event that happened while the bridge ran the guest.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BridgedEvent {
+    /// ACPI S5.
+    PowerOff,
+    /// ACPI S3.
+    Suspend,
+    /// Reset or an unrecoverable guest fault.
+    Reset(String),
+    /// A vCPU failed.
+    Failed {
+        /// vCPU index.
+        vcpu: u8,
+        /// What happened.
+        reason: String,
+    },
 }
 
 /// Whether `fd` is an open descriptor of this process.

@@ -43,6 +43,7 @@ const CARRIED_FLAGS_WITH_VALUE: &[&str] = &[
     "--device",
     "--vfio-model",
     "--populate-after-load",
+    "--cpr-exec-bridge",
 ];
 /// Switches carried over to the new process.
 const CARRIED_SWITCHES: &[&str] = &[

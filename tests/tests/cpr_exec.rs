@@ -19,8 +19,20 @@ use cpr_tests::{
 use cprctl::update::{new_command_line, Load, UpdateArgs};
 
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// The phases vmmd reports for a cpr-exec update, in order.
-const PHASES: [&str; 7] = [
+/// The phases vmmd reports for a cpr-exec update through the bridge, in order: the two pauses
+/// (hand-off to the bridge; take-over), then what ran beside the guest.
+const PHASES: [&str; 8] = [
+    "handoff",
+    "bridge-pause",
+    "save-state",
+    "load-state",
+    "restore",
+    "resume",
+    "overlapped-exec",
+    "overlapped-startup",
+];
+/// The phases of an update without the bridge (`--cpr-exec-bridge false`): one pause.
+const CLASSIC_PHASES: [&str; 7] = [
     "pause",
     "save-state",
     "exec",
@@ -45,8 +57,14 @@ struct Guest {
 }
 
 fn boot(vcpus: u32, memory: &str, file_backed: bool) -> Guest {
+    boot_with(vcpus, memory, file_backed, &[])
+}
+
+fn boot_with(vcpus: u32, memory: &str, file_backed: bool, extra: &[&str]) -> Guest {
     let dir = TestDir::new("cpr-exec");
     let mut opts = VmmdOptions::new(vcpus, memory).in_dir(&dir);
+    opts.extra_args
+        .extend(extra.iter().map(|s| (*s).to_owned()));
     if file_backed {
         opts = opts.memory_path(dir.join("guest.ram"));
     }
@@ -183,7 +201,16 @@ impl Guest {
 }
 
 fn update_keeps_the_guest_running(vcpus: u32, file_backed: bool) {
-    let mut g = boot(vcpus, "64M", file_backed);
+    update_keeps_the_guest_running_with(vcpus, file_backed, &[], &PHASES);
+}
+
+fn update_keeps_the_guest_running_with(
+    vcpus: u32,
+    file_backed: bool,
+    extra: &[&str],
+    expected_phases: &[&str],
+) {
+    let mut g = boot_with(vcpus, "64M", file_backed, extra);
     let pid = g.vmm.pid();
     let new = vmmd_copy(g.dir.path(), "vmmd-new");
     let image_before = exe_identity(pid);
@@ -212,7 +239,7 @@ fn update_keeps_the_guest_running(vcpus: u32, file_backed: bool) {
         .iter()
         .filter_map(|p| p["name"].as_str())
         .collect();
-    assert_eq!(phases, PHASES, "{}", r.report);
+    assert_eq!(phases, expected_phases, "{}", r.report);
     assert!(
         r.report["vmmd_pause_micros"].as_u64() > Some(0),
         "{}",
@@ -223,8 +250,15 @@ fn update_keeps_the_guest_running(vcpus: u32, file_backed: bool) {
     assert_eq!(query.ram_bytes, 0, "cpr-exec must not copy RAM: {query:?}");
     g.assert_intact("after the update");
 
-    // And again, back to the original binary.
-    g.update_ok(&cpr_tests::bins::vmmd(), &[]);
+    // And again, back to the original binary, the same way.
+    let r = g.update_ok(&cpr_tests::bins::vmmd(), &[]);
+    let phases: Vec<&str> = r.report["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert_eq!(phases, expected_phases, "{}", r.report);
     assert_eq!(exe_identity(pid), image_before);
     g.assert_intact("after the second update");
 }
@@ -247,6 +281,13 @@ fn update_one_vcpu_file_backed() {
 #[test]
 fn update_two_vcpus_file_backed() {
     update_keeps_the_guest_running(2, true);
+}
+
+#[test]
+fn update_without_the_bridge() {
+    // The guest stays paused from the save to the new process's load; the setting is carried
+    // to the new process.
+    update_keeps_the_guest_running_with(2, false, &["--cpr-exec-bridge", "false"], &CLASSIC_PHASES);
 }
 
 #[test]

@@ -87,6 +87,13 @@ pub struct Cli {
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
           env = "VMMD_POPULATE_AFTER_LOAD")]
     pub populate_after_load: bool,
+    /// cpr-exec: keep the guest running in a bridge (children of this process that share its
+    /// memory and outlive the exec) while the new binary starts, so that the pause is only the
+    /// hand-off and the take-over. Off: the guest stays paused from the save to the new process's
+    /// load. Never used with VFIO devices.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
+          env = "VMMD_CPR_EXEC_BRIDGE")]
+    pub cpr_exec_bridge: bool,
     /// Exit 0 if this vmmd can read state files of format version V, 1 otherwise.
     #[arg(long, value_name = "V")]
     pub check_state_version: Option<u32>,
@@ -243,6 +250,7 @@ impl Cli {
                 model_without_vaddr: self.vfio_model_without_vaddr,
             },
             populate_after_load: self.populate_after_load,
+            cpr_exec_bridge: self.cpr_exec_bridge,
         })
     }
 }

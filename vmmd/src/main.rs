@@ -186,6 +186,7 @@ impl Inheritance {
             console,
             handover: h.clone(),
             vfio_fds,
+            bridge: self.dup(fd_names::BRIDGE_CONTROL),
             started_ns: self.started_ns,
         })
     }

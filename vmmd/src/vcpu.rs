@@ -86,6 +86,12 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// The vCPU loops could not be moved into continuation children.
+    #[error("cannot hand the vCPUs to a bridge process: {reason}; they stay on this process")]
+    Detach {
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 fn kvm_err(id: u8, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
@@ -339,11 +345,36 @@ enum Request {
     Run,
     Pause,
     Exit,
+    /// Parked vCPU threads hand their loop to a continuation child (see `cpr::bridge`).
+    Detach,
+    /// Parked continuations end, and their threads take the loop back.
+    Reattach,
+}
+
+/// What a parked vCPU loop is told to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Park {
+    Run,
+    Exit,
+    Detach,
 }
 
 struct ControlState {
     request: Request,
     parked: usize,
+    /// vCPU loops running in continuation children.
+    detached: usize,
+    /// A thread could not start its continuation.
+    detach_failed: Option<String>,
+}
+
+/// Who runs a vCPU's loop, for kicks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KickTarget {
+    /// A thread of this process.
+    Thread(libc::pthread_t),
+    /// A continuation child (its own thread group).
+    Task(libc::pid_t),
 }
 
 /// Pause/resume control shared by the VM and its vCPU threads.
@@ -351,7 +382,12 @@ pub struct VcpuControl {
     state: Mutex<ControlState>,
     changed: Condvar,
     pause_flag: AtomicBool,
-    threads: Mutex<Vec<libc::pthread_t>>,
+    threads: Mutex<Vec<KickTarget>>,
+    /// The only fds (besides stdio) a continuation keeps in its copy of the fd table.
+    detach_keep: Mutex<Vec<libc::c_int>>,
+    /// Guest requests and failures seen by continuations, which cannot reach the event channel;
+    /// the successor re-raises them.
+    bridged_events: Mutex<Vec<VcpuEvent>>,
 }
 
 impl VcpuControl {
@@ -361,10 +397,14 @@ impl VcpuControl {
             state: Mutex::new(ControlState {
                 request: Request::Pause,
                 parked: 0,
+                detached: 0,
+                detach_failed: None,
             }),
             changed: Condvar::new(),
             pause_flag: AtomicBool::new(true),
             threads: Mutex::new(Vec::new()),
+            detach_keep: Mutex::new(Vec::new()),
+            bridged_events: Mutex::new(Vec::new()),
         })
     }
 
@@ -390,12 +430,130 @@ impl VcpuControl {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            if t != me {
-                // SAFETY: `t` is the pthread of a vCPU thread that is alive until `join` in
-                // `VcpuSet::shutdown`, which clears the list first.
-                unsafe { libc::pthread_kill(t, kick_signal()) };
+            match t {
+                KickTarget::Thread(t) if t != me => {
+                    // SAFETY: `t` is the pthread of a vCPU thread that is alive until `join` in
+                    // `VcpuSet::shutdown`, which clears the list first.
+                    unsafe { libc::pthread_kill(t, kick_signal()) };
+                }
+                KickTarget::Thread(_) => {}
+                KickTarget::Task(pid) => {
+                    // SAFETY: tgkill to a continuation child of this process; it is in the list
+                    // only while it runs a vCPU loop (a stale pid gets ESRCH at worst).
+                    unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, kick_signal()) };
+                }
             }
         }
+    }
+
+    fn set_kick_target(&self, id: u8, target: KickTarget) {
+        let mut list = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = list.get_mut(usize::from(id)) {
+            *slot = target;
+        }
+    }
+
+    /// Moves the loops of `count` parked vCPUs into continuation children (which keep only `keep`
+    /// and stdio in their fd tables) and returns their pids; the vCPUs stay paused. On failure
+    /// every loop is back on its thread.
+    pub fn detach(
+        &self,
+        count: usize,
+        keep: Vec<libc::c_int>,
+        timeout: Duration,
+    ) -> Result<Vec<libc::pid_t>, VcpuError> {
+        *self.detach_keep.lock().unwrap_or_else(|e| e.into_inner()) = keep;
+        self.request(Request::Detach);
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.detached < count && st.detach_failed.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let (done, failed) = (st.detached, st.detach_failed.take());
+        drop(st);
+        if done < count || failed.is_some() {
+            // Whatever got detached comes back: stop at the next park, then reattach.
+            self.request(Request::Pause);
+            let _ = self.wait_parked(count, timeout);
+            self.reattach(count, timeout)?;
+            return Err(VcpuError::Detach {
+                reason: failed.unwrap_or_else(|| format!("only {done} of {count} in time")),
+            });
+        }
+        self.request(Request::Pause);
+        Ok(self
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|t| match t {
+                KickTarget::Task(pid) => Some(*pid),
+                KickTarget::Thread(_) => None,
+            })
+            .collect())
+    }
+
+    /// Ends the continuations of paused vCPUs: their threads take the loops back, paused.
+    pub fn reattach(&self, count: usize, timeout: Duration) -> Result<(), VcpuError> {
+        self.request(Request::Reattach);
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.detached > 0 || st.parked < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing = st.detached;
+                drop(st);
+                return Err(VcpuError::PauseTimeout { missing, timeout });
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        drop(st);
+        self.request(Request::Pause);
+        Ok(())
+    }
+
+    fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.parked < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// In the bridge after a take-over: the (parked) continuation loops exit.
+    pub fn end_bridged(&self) {
+        self.exit();
+    }
+
+    /// Takes the guest requests and failures that continuations recorded.
+    pub fn take_bridged_events(&self) -> Vec<VcpuEvent> {
+        std::mem::take(
+            &mut *self
+                .bridged_events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// Stops every vCPU and waits until all are parked.
@@ -445,21 +603,38 @@ impl VcpuControl {
         self.changed.notify_all();
     }
 
-    /// Parks the calling vCPU thread while a pause is requested, after `before_park`. Returns false
-    /// when it must exit.
-    fn park_if_requested(&self, before_park: impl FnOnce()) -> bool {
+    /// Parks the calling vCPU loop while a pause is requested, after `before_park`, and says what
+    /// to do next. A loop on its thread (`on_thread`) may be told to detach; a loop in a
+    /// continuation is told to exit when its thread takes it back.
+    fn park_if_requested(&self, on_thread: bool, before_park: impl FnOnce()) -> Park {
         if !self.pause_flag.load(Ordering::Acquire) {
-            return true;
+            return Park::Run;
         }
         before_park();
         let mut st = self.lock();
         st.parked += 1;
         self.changed.notify_all();
-        while st.request == Request::Pause {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
+        let next = loop {
+            match st.request {
+                Request::Run => break Park::Run,
+                Request::Exit => break Park::Exit,
+                Request::Detach if on_thread => break Park::Detach,
+                Request::Reattach if !on_thread => break Park::Exit,
+                _ => st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner()),
+            }
+        };
         st.parked -= 1;
-        st.request == Request::Run
+        self.changed.notify_all();
+        next
+    }
+
+    fn detached_one(&self, delta: isize, failure: Option<String>) {
+        let mut st = self.lock();
+        st.detached = st.detached.saturating_add_signed(delta);
+        if failure.is_some() {
+            st.detach_failed = failure;
+        }
+        self.changed.notify_all();
     }
 }
 
@@ -489,6 +664,8 @@ pub struct VcpuSet {
     /// The pause/resume control.
     pub control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
+    /// The vCPU fds' numbers (readable without taking the locks a running vCPU holds).
+    raw_fds: Vec<libc::c_int>,
 }
 
 impl VcpuSet {
@@ -499,6 +676,7 @@ impl VcpuSet {
         events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
     ) -> Result<VcpuSet, VcpuError> {
         let control = VcpuControl::new_paused();
+        let raw_fds = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
         let fds: Vec<_> = fds.into_iter().map(|f| Arc::new(Mutex::new(f))).collect();
         let mut threads = Vec::new();
         for (i, fd) in fds.iter().enumerate() {
@@ -515,6 +693,7 @@ impl VcpuSet {
             fds,
             control,
             threads,
+            raw_fds,
         };
         {
             let mut list = set
@@ -522,9 +701,18 @@ impl VcpuSet {
                 .threads
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            list.extend(set.threads.iter().map(|t| t.as_pthread_t()));
+            list.extend(
+                set.threads
+                    .iter()
+                    .map(|t| KickTarget::Thread(t.as_pthread_t())),
+            );
         }
         Ok(set)
+    }
+
+    /// The vCPU fds' numbers.
+    pub fn raw_fds(&self) -> &[libc::c_int] {
+        &self.raw_fds
     }
 
     /// Number of vCPUs.
@@ -553,6 +741,16 @@ impl Drop for VcpuSet {
     }
 }
 
+/// What a vCPU loop works with; cloned into a continuation when the loop is detached.
+#[derive(Clone)]
+struct VcpuLoop {
+    id: u8,
+    fd: Arc<Mutex<VcpuFd>>,
+    control: Arc<VcpuControl>,
+    devices: Arc<Devices>,
+    events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
+}
+
 fn run_vcpu(
     id: u8,
     fd: Arc<Mutex<VcpuFd>>,
@@ -560,109 +758,180 @@ fn run_vcpu(
     devices: Arc<Devices>,
     events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
 ) {
+    let ctx = VcpuLoop {
+        id,
+        fd,
+        control,
+        devices,
+        events,
+    };
     {
-        let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
+        let mut vcpu = ctx.fd.lock().unwrap_or_else(|e| e.into_inner());
         let run: *mut kvm_run = vcpu.get_kvm_run();
         KVM_RUN.with(|r| r.set(run));
     }
-    let fail = |reason: String| {
-        error!(vcpu = id, %reason, "vCPU stopped");
-        control.pause_from_vcpu();
-        let _ = events.send(VcpuEvent::Failed { id, reason });
-    };
-    // Whether the last exit was port or MMIO I/O, which KVM finishes (RIP past the instruction, an
-    // IN's value in its register) only on the next KVM_RUN.
-    let mut io_pending = false;
-    let complete_io = |pending: &mut bool| {
-        if std::mem::take(pending) {
-            complete_pending_io(&mut fd.lock().unwrap_or_else(|e| e.into_inner()));
-        }
-    };
-    while control.park_if_requested(|| complete_io(&mut io_pending)) {
-        let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
-        let exit = vcpu.run();
-        io_pending = matches!(
-            exit,
-            Ok(VcpuExit::IoOut(..)
-                | VcpuExit::IoIn(..)
-                | VcpuExit::MmioRead(..)
-                | VcpuExit::MmioWrite(..))
+    while ctx.run(true) == Park::Detach {
+        ctx.continue_in_child();
+    }
+    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+}
+
+impl VcpuLoop {
+    /// Runs the loop in a continuation child until it is reattached (or, after an exec, for good):
+    /// this thread only waits. The child keeps this thread's TLS, so the kick handler finds the
+    /// same `kvm_run`.
+    fn continue_in_child(&self) {
+        let keep = self
+            .control
+            .detach_keep
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let started = crate::cpr::continuation::Continuation::start(
+            self.clone(),
+            |child| {
+                child.run(false);
+                // Dropping the handles could wake the event channel's receiver, whose runtime
+                // may be gone after the exec: leave them to the address space's end.
+                std::mem::forget(child);
+            },
+            &keep,
         );
-        let request = match exit {
-            Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
-            Ok(VcpuExit::IoIn(port, data)) => {
-                devices.pio_read(port, data);
-                None
+        match started {
+            Ok(c) => {
+                self.control
+                    .set_kick_target(self.id, KickTarget::Task(c.pid()));
+                self.control.detached_one(1, None);
+                c.wait();
+                self.control
+                    .set_kick_target(self.id, KickTarget::Thread(pthread_self()));
+                self.control.detached_one(-1, None);
             }
-            Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => None,
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !devices.mmio_read(addr, data) {
+            Err((e, _)) => self
+                .control
+                .detached_one(0, Some(format!("vCPU {}: {e}", self.id))),
+        }
+    }
+
+    fn report(&self, event: VcpuEvent, on_thread: bool) {
+        if on_thread {
+            let _ = self.events.send(event);
+        } else {
+            self.control
+                .bridged_events
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(event);
+        }
+    }
+
+    /// The vCPU loop, until it is told to exit or (on its thread) to detach.
+    fn run(&self, on_thread: bool) -> Park {
+        let (id, fd, control, devices) = (self.id, &self.fd, &self.control, &self.devices);
+        let fail = |reason: String| {
+            if on_thread {
+                error!(vcpu = id, %reason, "vCPU stopped");
+            }
+            control.pause_from_vcpu();
+            self.report(VcpuEvent::Failed { id, reason }, on_thread);
+        };
+        // Whether the last exit was port or MMIO I/O, which KVM finishes (RIP past the instruction,
+        // an IN's value in its register) only on the next KVM_RUN.
+        let mut io_pending = false;
+        let complete_io = |pending: &mut bool| {
+            if std::mem::take(pending) {
+                complete_pending_io(&mut fd.lock().unwrap_or_else(|e| e.into_inner()));
+            }
+        };
+        loop {
+            match control.park_if_requested(on_thread, || complete_io(&mut io_pending)) {
+                Park::Run => {}
+                other => return other,
+            }
+            let mut vcpu = fd.lock().unwrap_or_else(|e| e.into_inner());
+            let exit = vcpu.run();
+            io_pending = matches!(
+                exit,
+                Ok(VcpuExit::IoOut(..)
+                    | VcpuExit::IoIn(..)
+                    | VcpuExit::MmioRead(..)
+                    | VcpuExit::MmioWrite(..))
+            );
+            let request = match exit {
+                Ok(VcpuExit::IoOut(port, data)) => devices.pio_write(port, data),
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    devices.pio_read(port, data);
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if devices.mmio_write(addr, data) => None,
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !devices.mmio_read(addr, data) {
+                        debug!(
+                            vcpu = id,
+                            addr = format!("{addr:#x}"),
+                            "read from unassigned MMIO"
+                        );
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => {
                     debug!(
                         vcpu = id,
                         addr = format!("{addr:#x}"),
-                        "read from unassigned MMIO"
+                        "write to unassigned MMIO"
                     );
-                    data.fill(0xff);
+                    None
                 }
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, _)) => {
-                debug!(
-                    vcpu = id,
-                    addr = format!("{addr:#x}"),
-                    "write to unassigned MMIO"
-                );
-                None
-            }
-            Ok(e @ (VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen)) => {
-                tracing::trace!(vcpu = id, exit = ?e, "vCPU exit");
-                None
-            }
-            Ok(VcpuExit::Shutdown) => Some(GuestRequest::Reset(format!(
-                "triple fault ({})",
-                describe_cpu(&vcpu)
-            ))),
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                Some(GuestRequest::Reset(format!("KVM system event {kind}")))
-            }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Ok(e @ (VcpuExit::Hlt | VcpuExit::Intr | VcpuExit::IrqWindowOpen)) => {
+                    tracing::trace!(vcpu = id, exit = ?e, "vCPU exit");
+                    None
+                }
+                Ok(VcpuExit::Shutdown) => Some(GuestRequest::Reset(format!(
+                    "triple fault ({})",
+                    describe_cpu(&vcpu)
+                ))),
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    Some(GuestRequest::Reset(format!("KVM system event {kind}")))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    drop(vcpu);
+                    fail(format!(
+                        "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                    ));
+                    continue;
+                }
+                Ok(VcpuExit::InternalError) => {
+                    let suberror = internal_error_suberror(vcpu.get_kvm_run());
+                    let at = describe_cpu(&vcpu);
+                    drop(vcpu);
+                    fail(format!(
+                        "KVM internal error (suberror {suberror}) at {at}: the guest ran an instruction KVM cannot emulate here"
+                    ));
+                    continue;
+                }
+                Ok(other) => {
+                    debug!(vcpu = id, exit = ?other, "unhandled vCPU exit ignored");
+                    None
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.set_kvm_immediate_exit(0);
+                    None
+                }
+                Err(e) => {
+                    drop(vcpu);
+                    fail(format!("KVM_RUN failed: {e}"));
+                    continue;
+                }
+            };
+            if let Some(request) = request {
                 drop(vcpu);
-                fail(format!(
-                    "KVM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
-                ));
-                continue;
+                // Stop every vCPU before this one can run past the guest's request.
+                control.pause_from_vcpu();
+                self.report(VcpuEvent::Guest(request), on_thread);
             }
-            Ok(VcpuExit::InternalError) => {
-                let suberror = internal_error_suberror(vcpu.get_kvm_run());
-                let at = describe_cpu(&vcpu);
-                drop(vcpu);
-                fail(format!(
-                    "KVM internal error (suberror {suberror}) at {at}: the guest ran an instruction KVM cannot emulate here"
-                ));
-                continue;
-            }
-            Ok(other) => {
-                debug!(vcpu = id, exit = ?other, "unhandled vCPU exit ignored");
-                None
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
-                None
-            }
-            Err(e) => {
-                drop(vcpu);
-                fail(format!("KVM_RUN failed: {e}"));
-                continue;
-            }
-        };
-        if let Some(request) = request {
-            drop(vcpu);
-            // Stop every vCPU before this one can run past the guest's request.
-            control.pause_from_vcpu();
-            let _ = events.send(VcpuEvent::Guest(request));
         }
     }
-    KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
 }
 
 /// Finishes an I/O exit before the vCPU parks, so that saved state never points at a half-done

@@ -17,9 +17,11 @@ use vmm_sys_util::eventfd::EventFd;
 
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use cpr_common::cpr::{fd_names, monotonic_ns, CprHandover};
+use cpr_common::cpr::{fd_names, monotonic_ns, BridgeReply, BridgedEvent, CprHandover};
 
 use crate::boot::pvh::{self, BootError};
+use crate::cpr::bridge::{self, BridgeError};
+use crate::cpr::continuation::Continuation;
 use crate::cpr::exec::{self as cpr_exec, CprExecError, PreservedFds};
 use crate::cpr::state::{KvmVmError, KvmVmState, SavedRunState, VmState};
 use crate::devices::console::{Console, ConsoleError, ConsoleHandover, SerialBackendSpec};
@@ -105,6 +107,8 @@ pub struct VmConfig {
     pub vfio: VfioConfig,
     /// Populate guest RAM's host mappings in the background after a load without RAM.
     pub populate_after_load: bool,
+    /// cpr-exec keeps the guest running in a bridge while the new binary starts (`cpr::bridge`).
+    pub cpr_exec_bridge: bool,
 }
 
 /// Failures a test can inject into an incoming load, to exercise cpr-exec rollback.
@@ -128,6 +132,8 @@ pub struct Inherited {
     pub handover: CprHandover,
     /// Duplicates of the inherited VFIO fds, by hand-over name.
     pub vfio_fds: Vec<(String, OwnedFd)>,
+    /// The bridge's control socket, when the previous process's bridge still runs the guest.
+    pub bridge: Option<OwnedFd>,
     /// CLOCK_MONOTONIC when this process started.
     pub started_ns: u64,
 }
@@ -246,6 +252,9 @@ pub enum VmError {
     /// Injected by a test.
     #[error("injected fault: {0}")]
     Injected(&'static str),
+    /// Taking the guest over from the cpr-exec bridge failed.
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
     /// VFIO passthrough set-up.
     #[error(transparent)]
     Vfio(#[from] VfioError),
@@ -409,6 +418,8 @@ pub struct Vm {
     shut_down_after_save: bool,
     events: EventBus,
     last_migration: Arc<Mutex<MigrationReport>>,
+    /// Where vCPU events go (guest requests the bridge saw are re-raised here).
+    vcpu_events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
     _kvm: Kvm,
 }
 
@@ -427,6 +438,30 @@ struct InheritedContext {
     /// rollback.
     held: Vec<(String, OwnedFd)>,
     started_ns: u64,
+    /// The previous process's bridge, which runs the guest until it is taken over.
+    bridge: Option<std::os::unix::net::UnixStream>,
+    /// The bridge's answer, once taken over.
+    bridge_reply: Option<BridgeReply>,
+}
+
+/// How long the new process waits for the bridge to stop the guest and write the state.
+const BRIDGE_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long moving the console or vCPU loops into (or out of) the bridge may take.
+const BRIDGE_MOVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The VM, for the bridge's control continuation, which runs after this process's `execve` on the
+/// same memory.
+struct VmPtr(*const Vm);
+// SAFETY: the control continuation only reads the VM through shared references while the thread
+// that owns it is blocked (until the continuation exits) or gone (after the exec).
+unsafe impl Send for VmPtr {}
+
+/// What the bridge's control continuation works with.
+struct BridgeTask {
+    vm: VmPtr,
+    ctl: RawFd,
+    path: PathBuf,
+    saved: SavedRunState,
 }
 
 /// `/dev/kvm` opened and an empty VM created (TSS and identity map placed): what does not depend on
@@ -486,13 +521,19 @@ impl Vm {
         let (ram, console, inherited) = match inherited {
             Some(i) => (
                 GuestRam::inherited(i.ram, &config.memory)?,
-                Console::resume(i.console, CONSOLE_BUFFER)?,
+                match i.bridge {
+                    // The bridge serves the console until the take-over.
+                    Some(_) => Console::resume_deferred(i.console, CONSOLE_BUFFER)?,
+                    None => Console::resume(i.console, CONSOLE_BUFFER)?,
+                },
                 {
                     vfio_fds = i.vfio_fds;
                     Some(InheritedContext {
                         handover: i.handover,
                         held: Vec::new(),
                         started_ns: i.started_ns,
+                        bridge: i.bridge.map(std::os::unix::net::UnixStream::from),
+                        bridge_reply: None,
                     })
                 },
             ),
@@ -580,7 +621,7 @@ impl Vm {
             Some(_) => Vec::new(),
         };
         lap("msrs");
-        let vcpus = VcpuSet::start(fds, devices.clone(), vcpu_events)?;
+        let vcpus = VcpuSet::start(fds, devices.clone(), vcpu_events.clone())?;
         info!(
             vcpus = config.vcpus,
             memory = %config.memory,
@@ -610,6 +651,7 @@ impl Vm {
             events,
             last_migration: Arc::new(Mutex::new(MigrationReport::default())),
             vfio,
+            vcpu_events,
             _kvm: kvm,
         })
     }
@@ -1068,6 +1110,10 @@ impl Vm {
                 return Err(e);
             }
         };
+        // VFIO DMA must be invalidated with the guest stopped for the whole exec: no bridge then.
+        if self.config.cpr_exec_bridge && self.vfio.is_none() {
+            return self.cpr_exec_bridged(uri, path, saved, previous);
+        }
         // While the guest still runs: a child sharing our address space keeps it alive across the
         // exec, so `execve` does not tear down our mappings (guest RAM, the old VM's shadow page
         // tables) inside the pause. Without it, unmap guest RAM from our page tables instead.
@@ -1139,6 +1185,333 @@ impl Vm {
         let result = Err(err);
         self.finish_report(report, clock, &result);
         result.map(|()| MigrationReport::default())
+    }
+
+    /// cpr-exec with the bridge (module `cpr::bridge`): the console and vCPU loops move into
+    /// continuation children that run the guest across the `execve`; a control continuation
+    /// answers the new process's take-over. The guest pauses here only while the vCPU loops move.
+    /// Returns only when the update failed before `execve` succeeded; everything is back on this
+    /// process then and the guest runs on.
+    fn cpr_exec_bridged(
+        &mut self,
+        uri: &str,
+        path: &std::path::Path,
+        saved: SavedRunState,
+        previous: OwnedFd,
+    ) -> Result<MigrationReport, VmError> {
+        let mut report = self.start_report(uri, false);
+        let mut clock = PhaseClock::new();
+        let was_running = saved == SavedRunState::Running;
+        let result = self.bridge_and_exec(path, saved, &previous, &mut clock);
+        let Err(err) = result;
+        warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
+        crate::notify::ready(&format!("running; live update failed: {err}"));
+        self.update_status = format!("cpr-exec failed: {err}");
+        if was_running {
+            self.vcpus.control.resume();
+        }
+        report.downtime = Duration::ZERO;
+        let result = Err(err);
+        self.finish_report(report, clock, &result);
+        result.map(|()| MigrationReport::default())
+    }
+
+    fn bridge_and_exec(
+        &mut self,
+        path: &std::path::Path,
+        saved: SavedRunState,
+        previous: &OwnedFd,
+        clock: &mut PhaseClock,
+    ) -> Result<std::convert::Infallible, VmError> {
+        // A state file from an earlier update must not be taken for this one's: the bridge
+        // writes it at the take-over.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| StateFileError::Io {
+                path: path.to_path_buf(),
+                op: "truncate",
+                source,
+            })?;
+        let count = self.vcpus.count();
+        let was_running = saved == SavedRunState::Running;
+        self.update_status = "cpr-exec: moving the console to the bridge".into();
+        let console = self.console.as_ref().ok_or(VmError::Injected("console missing"))?;
+        let keep = self.bridge_fds();
+        console.detach_to_bridge(keep.clone(), BRIDGE_MOVE_TIMEOUT)?;
+        let console_pid = console.bridge_pid();
+        let undo_console = |vm: &Vm| {
+            if let Some(c) = &vm.console {
+                c.reattach_from_bridge(BRIDGE_MOVE_TIMEOUT);
+            }
+        };
+        clock.lap("console-bridge");
+
+        self.update_status = "cpr-exec: moving the vCPUs to the bridge".into();
+        if was_running {
+            if let Err(e) = self.pause_vcpus() {
+                undo_console(self);
+                return Err(e);
+            }
+        }
+        let paused_at = monotonic_ns();
+        let vcpu_pids = match self
+            .vcpus
+            .control
+            .detach(count, keep.clone(), BRIDGE_MOVE_TIMEOUT)
+        {
+            Ok(p) => p,
+            Err(e) => {
+                undo_console(self);
+                return Err(e.into());
+            }
+        };
+        if was_running {
+            self.vcpus.control.resume();
+        }
+        let handoff_us = monotonic_ns().saturating_sub(paused_at) / 1000;
+        clock.lap("handoff");
+
+        let undo_vcpus = |vm: &Vm| {
+            if let Err(e) = vm
+                .vcpus
+                .control
+                .pause(count, PAUSE_TIMEOUT)
+                .and_then(|()| vm.vcpus.control.reattach(count, BRIDGE_MOVE_TIMEOUT))
+            {
+                warn!(error = %e, "cannot take the vCPUs back from the bridge");
+            }
+            undo_console(vm);
+        };
+        let (mine, theirs) = match std::os::unix::net::UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                undo_vcpus(self);
+                return Err(VmError::Console(ConsoleError::Bridge(format!(
+                    "cannot create the control socket: {e}"
+                ))));
+            }
+        };
+        let task = BridgeTask {
+            vm: VmPtr(self as *const Vm),
+            ctl: theirs.as_raw_fd(),
+            path: path.to_path_buf(),
+            saved,
+        };
+        self.update_status = "cpr-exec: exec".into();
+        let mut keep = keep;
+        keep.push(theirs.as_raw_fd());
+        let control = match Continuation::start(task, bridge_control_main, &keep) {
+            Ok(c) => c,
+            Err((e, _)) => {
+                undo_vcpus(self);
+                return Err(VmError::Console(ConsoleError::Bridge(e.to_string())));
+            }
+        };
+        // From here to the exec this thread shares its TLS with the control continuation, which
+        // only waits on the socket until the new process (or the abort below) writes to it.
+        let err = self.exec_to_bridge(path, paused_at, handoff_us, clock, previous, &mine, {
+            let mut pids = vcpu_pids;
+            pids.extend(console_pid);
+            pids.push(control.pid());
+            pids
+        });
+        // The exec failed: the control continuation ends, then the loops come back.
+        if let Err(e) = bridge::abort(&mine) {
+            warn!(error = %e, "cannot tell the bridge that the exec failed");
+        }
+        control.wait();
+        drop(theirs);
+        undo_vcpus(self);
+        Err(err)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn exec_to_bridge(
+        &self,
+        path: &std::path::Path,
+        paused_at_ns: u64,
+        handoff_us: u64,
+        clock: &PhaseClock,
+        previous: &OwnedFd,
+        ctl: &std::os::unix::net::UnixStream,
+        bridge_pids: Vec<libc::pid_t>,
+    ) -> VmError {
+        let mut pidfds = Vec::new();
+        for pid in bridge_pids {
+            match bridge::pidfd_open(pid) {
+                Ok(fd) => pidfds.push(fd),
+                Err(e) => {
+                    return VmError::Console(ConsoleError::Bridge(format!(
+                        "pidfd_open of bridge process {pid}: {e}"
+                    )))
+                }
+            }
+        }
+        let mut fds = vec![
+            (fd_names::RAM.to_string(), self.ram.raw_fd()),
+            (fd_names::PREVIOUS_BINARY.to_string(), previous.as_raw_fd()),
+            (fd_names::BRIDGE_CONTROL.to_string(), ctl.as_raw_fd()),
+        ];
+        if let Some(fd) = self.api_listener_fd {
+            fds.push((fd_names::API_LISTENER.to_string(), fd));
+        }
+        for (i, fd) in pidfds.iter().enumerate() {
+            fds.push((
+                format!("{}-{i}", fd_names::BRIDGE_TASK_PREFIX),
+                fd.as_raw_fd(),
+            ));
+        }
+        if let Some(c) = &self.console {
+            fds.extend(c.raw_fds());
+        }
+        let argv: Vec<String> = std::env::args().collect();
+        let mut phases: Vec<(String, u64)> = clock
+            .phases
+            .iter()
+            .map(|(n, d)| (n.clone(), d.as_micros() as u64))
+            .collect();
+        // Only the hand-off paused the guest; the rest ran beside it.
+        phases.retain(|(n, _)| n == "handoff");
+        if let Some(h) = phases.first_mut() {
+            h.1 = handoff_us;
+        }
+        let handover = CprHandover {
+            fds,
+            state_path: path.to_path_buf(),
+            paused_at_ns,
+            exec_at_ns: monotonic_ns(),
+            phases,
+            rollback_argv: cpr_exec::with_incoming_file(&argv, path),
+            console_pending_out: Vec::new(),
+            console_pending_in: Vec::new(),
+            console_pty_path: self.console.as_ref().and_then(|c| c.pty_path().map(Into::into)),
+            from_version: VERSION.to_string(),
+            generation: self.generation + 1,
+            rollback_reason: None,
+            address_space_keeper: None,
+            vfio_model_containers: Vec::new(),
+            vfio_msi: Vec::new(),
+        };
+        let memfd = match handover.to_memfd() {
+            Ok(m) => m,
+            Err(e) => return CprExecError::from(e).into(),
+        };
+        let mut fds = handover.fds.clone();
+        fds.push(("cpr-handover".into(), memfd.as_raw_fd()));
+        let mut preserved = PreservedFds::new(fds);
+        if let Err(e) = preserved.clear_cloexec() {
+            return e.into();
+        }
+        info!(binary = %self.exec_args[0], generation = handover.generation, "cpr-exec: exec (guest running in the bridge)");
+        crate::notify::reloading(&format!("live update: exec {}", self.exec_args[0]));
+        let err = cpr_exec::exec(&self.exec_args, None, memfd.as_raw_fd());
+        preserved.restore_cloexec();
+        err.into()
+    }
+
+    /// The fds the bridge's processes use: KVM, guest RAM, the console's and the UART's. Everything
+    /// else (API connections above all) is closed in them, so that the exec closes it.
+    fn bridge_fds(&self) -> Vec<RawFd> {
+        let mut fds = vec![
+            self._kvm.as_raw_fd(),
+            self.vm_fd.as_raw_fd(),
+            self.ram.raw_fd(),
+            self.devices.serial().irq_fd(),
+        ];
+        fds.extend_from_slice(self.vcpus.raw_fds());
+        if let Some(c) = &self.console {
+            fds.extend(c.loop_fds());
+        }
+        fds
+    }
+
+    /// In the bridge's control continuation: stop the guest, write the state file, and answer with
+    /// the console's undelivered bytes and the guest events the bridge saw.
+    fn bridge_take_over(&self, path: &std::path::Path, saved: SavedRunState) -> BridgeReply {
+        let paused_at_ns = monotonic_ns();
+        let mut reply = BridgeReply {
+            saved: Ok(()),
+            paused_at_ns,
+            phases: Vec::new(),
+            console_pending_out: Vec::new(),
+            console_pending_in: Vec::new(),
+            guest_events: Vec::new(),
+        };
+        let count = self.vcpus.count();
+        if let Err(e) = self.vcpus.control.pause(count, PAUSE_TIMEOUT) {
+            reply.saved = Err(e.to_string());
+            return reply;
+        }
+        let lap = |phases: &mut Vec<(String, u64)>, name: &str, since: u64| {
+            let now = monotonic_ns();
+            phases.push((name.into(), now.saturating_sub(since) / 1000));
+            now
+        };
+        let t = lap(&mut reply.phases, "bridge-pause", paused_at_ns);
+        let written = self
+            .encode_state(saved, &mut MigrationReport::default())
+            .and_then(|meta| Ok(write_state_without_ram(path, &meta, false)?));
+        if let Err(e) = written {
+            // The guest runs on in the bridge; the new process rolls back.
+            if saved == SavedRunState::Running {
+                self.vcpus.control.resume();
+            }
+            reply.saved = Err(e.to_string());
+            return reply;
+        }
+        lap(&mut reply.phases, "save-state", t);
+        if let Some(c) = &self.console {
+            let (out, input) = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
+            reply.console_pending_out = out;
+            reply.console_pending_in = input;
+        }
+        reply.guest_events = self
+            .vcpus
+            .control
+            .take_bridged_events()
+            .into_iter()
+            .map(|e| match e {
+                VcpuEvent::Guest(GuestRequest::PowerOff) => BridgedEvent::PowerOff,
+                VcpuEvent::Guest(GuestRequest::Suspend) => BridgedEvent::Suspend,
+                VcpuEvent::Guest(GuestRequest::Reset(why)) => BridgedEvent::Reset(why),
+                VcpuEvent::Failed { id, reason } => BridgedEvent::Failed { vcpu: id, reason },
+            })
+            .collect();
+        reply
+    }
+
+    /// The new process's side: asks the previous process's bridge for the guest (once) and starts
+    /// the console with what the bridge had not delivered.
+    /// Returns whether this call took the guest over.
+    fn take_over_from_bridge(&mut self, path: &std::path::Path) -> Result<bool, VmError> {
+        let Some(ctx) = self.inherited.as_mut() else {
+            return Ok(false);
+        };
+        let Some(ctl) = ctx.bridge.as_ref() else {
+            return Ok(false);
+        };
+        if ctx.bridge_reply.is_some() {
+            return Ok(false);
+        }
+        if path != ctx.handover.state_path {
+            return Err(VmError::Incompatible {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "the cpr-exec bridge writes the state to {}: load that file",
+                    ctx.handover.state_path.display()
+                ),
+            });
+        }
+        let reply = bridge::take_over(ctl, BRIDGE_REPLY_TIMEOUT)?;
+        if let Some(c) = self.console.as_mut() {
+            c.start_deferred(&reply.console_pending_out, reply.console_pending_in.clone())?;
+        }
+        if let Some(ctx) = self.inherited.as_mut() {
+            ctx.bridge_reply = Some(reply);
+        }
+        Ok(true)
     }
 
     /// cpr-reboot: pause, flush guest RAM to its file, save state without RAM (fsync) and stop in
@@ -1414,6 +1787,10 @@ impl Vm {
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
     ) -> Result<(), VmError> {
+        if self.take_over_from_bridge(path)? {
+            // The pause starts at the take-over; what came before ran beside the guest.
+            *clock = PhaseClock::new();
+        }
         let (mut reader, state): (StateReader, VmState) = StateReader::open(path)?;
         report.state_bytes = reader.header().meta_len;
         let incompatible = |detail: String| VmError::Incompatible {
@@ -1557,18 +1934,39 @@ impl Vm {
             .map(|(n, us)| (n.clone(), Duration::from_micros(*us)))
             .collect();
         let ns = |a: u64, b: u64| Duration::from_nanos(b.saturating_sub(a));
-        phases.push(("exec".into(), ns(h.exec_at_ns, ctx.started_ns)));
         let load_started = clock.start;
         let startup = load_started.elapsed();
         let load_total: Duration = clock.phases.iter().map(|(_, d)| *d).sum();
-        phases.push((
-            "startup".into(),
-            ns(ctx.started_ns, resumed_ns).saturating_sub(startup.max(load_total)),
-        ));
-        phases.append(&mut clock.phases);
+        let startup = ns(ctx.started_ns, resumed_ns).saturating_sub(startup.max(load_total));
+        let exec = ns(h.exec_at_ns, ctx.started_ns);
+        match &ctx.bridge_reply {
+            // Two pauses: the hand-off to the bridge (in `h.phases`) and the take-over.
+            Some(reply) => {
+                phases.extend(
+                    reply
+                        .phases
+                        .iter()
+                        .map(|(n, us)| (n.clone(), Duration::from_micros(*us))),
+                );
+                phases.append(&mut clock.phases);
+                let handoff: Duration = h.phases.iter().map(|(_, us)| Duration::from_micros(*us)).sum();
+                report.downtime = handoff + ns(reply.paused_at_ns, resumed_ns);
+                // While the bridge ran the guest (not part of the pause).
+                phases.push(("overlapped-exec".into(), exec));
+                phases.push((
+                    "overlapped-startup".into(),
+                    ns(ctx.started_ns, reply.paused_at_ns),
+                ));
+            }
+            None => {
+                phases.push(("exec".into(), exec));
+                phases.push(("startup".into(), startup));
+                phases.append(&mut clock.phases);
+                report.downtime = ns(h.paused_at_ns, resumed_ns);
+            }
+        }
         clock.phases = phases;
         report.mode = MigrationMode::CprExec;
-        report.downtime = ns(h.paused_at_ns, resumed_ns);
         // A rollback restores the generation the guest had before the failed update.
         self.generation = match h.rollback_reason {
             Some(_) => h.generation.saturating_sub(1),
@@ -1584,18 +1982,38 @@ impl Vm {
             status = %self.update_status,
             "cpr-exec: guest resumed"
         );
+        // Guest events the bridge saw, acted on now that the guest runs here.
+        for e in ctx.bridge_reply.iter().flat_map(|r| r.guest_events.iter()) {
+            let event = match e.clone() {
+                BridgedEvent::PowerOff => VcpuEvent::Guest(GuestRequest::PowerOff),
+                BridgedEvent::Suspend => VcpuEvent::Guest(GuestRequest::Suspend),
+                BridgedEvent::Reset(why) => VcpuEvent::Guest(GuestRequest::Reset(why)),
+                BridgedEvent::Failed { vcpu, reason } => VcpuEvent::Failed { id: vcpu, reason },
+            };
+            let _ = self.vcpu_events.send(event);
+        }
         // Closing the previous VM's fds destroys it (~15 ms of kernel time): off the guest's path.
         // Everything else held for a rollback is closed now.
-        let (old_vm, rest): (Vec<_>, Vec<_>) = ctx
-            .held
-            .into_iter()
-            .partition(|(name, _)| name.starts_with(fd_names::RETIRED_KVM_PREFIX));
+        let (old_vm, rest): (Vec<_>, Vec<_>) = ctx.held.into_iter().partition(|(name, _)| {
+            name.starts_with(fd_names::RETIRED_KVM_PREFIX)
+                || name.starts_with(fd_names::BRIDGE_TASK_PREFIX)
+        });
         drop(rest);
+        let bridge_ctl = ctx.bridge;
         let keeper_pid = h.address_space_keeper;
         let retire = std::thread::Builder::new()
             .name("vmmd-retire-vm".into())
             .spawn(move || {
                 let t = Instant::now();
+                // Closing the control socket ends the bridge; its last process's exit destroys the
+                // old VM and address space.
+                drop(bridge_ctl);
+                let (tasks, old_vm): (Vec<_>, Vec<_>) = old_vm
+                    .into_iter()
+                    .partition(|(name, _)| name.starts_with(fd_names::BRIDGE_TASK_PREFIX));
+                for (_, pidfd) in &tasks {
+                    bridge::reap_pidfd(pidfd);
+                }
                 // The old VM's fds, then the keeper's pipe: its exit tears down the old address space.
                 drop(old_vm);
                 if let Some(pid) = keeper_pid {
@@ -1609,6 +2027,28 @@ impl Vm {
         if let Err(e) = retire {
             warn!(error = %e, "cannot retire the previous VM in the background");
         }
+    }
+}
+
+/// The bridge's control continuation (see `cpr::bridge`): serves the new process's take-over,
+/// then ends the vCPU loops. On an abort (the exec failed) it only returns: the old process takes
+/// the loops back itself.
+fn bridge_control_main(task: BridgeTask) {
+    // SAFETY: the socket fd is this continuation's copy of the bridge end, open until it exits.
+    let ctl = std::mem::ManuallyDrop::new(unsafe {
+        <std::os::unix::net::UnixStream as std::os::fd::FromRawFd>::from_raw_fd(task.ctl)
+    });
+    // SAFETY: see `VmPtr`: the VM outlives this continuation and its owner does not touch it.
+    let vm = unsafe { &*task.vm.0 };
+    let ended = bridge::serve(
+        &ctl,
+        || vm.bridge_take_over(&task.path, task.saved),
+        || {
+            let _ = vm.bridge_take_over(&task.path, task.saved);
+        },
+    );
+    if ended != bridge::Ended::Aborted {
+        vm.vcpus.control.end_bridged();
     }
 }
 

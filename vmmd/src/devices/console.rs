@@ -18,7 +18,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -34,6 +34,8 @@ use nix::sys::socket::{
 use nix::sys::stat::{fchmod, Mode};
 use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::cpr::continuation::{Continuation, ResultSlot};
 
 /// Default size of the guest-output buffer kept while no client reads it.
 #[allow(
@@ -195,6 +197,9 @@ pub enum ConsoleError {
     /// Starting the background thread failed.
     #[error("cannot start the console thread: check the process and memory limits")]
     SpawnThread(#[source] io::Error),
+    /// The console loop could not move into the cpr-exec bridge.
+    #[error("cannot hand the console to the cpr-exec bridge: {0}")]
+    Bridge(String),
 }
 
 /// The fds a console owns, kept in one place so they can be handed over across `execve`.
@@ -282,7 +287,26 @@ struct Shared {
     client_connected: AtomicBool,
     /// Raw number of the attached client's fd, or -1.
     client_fd: AtomicI32,
+    /// Where the console thread's loop runs: [`BRIDGE_NONE`] ... [`BRIDGE_RETURN`].
+    bridge: AtomicU8,
+    /// The only fds (besides stdio) a continuation keeps in its copy of the fd table.
+    bridge_keep: Mutex<Vec<RawFd>>,
+    /// Where the continuation leaves the worker when it is told to return.
+    bridge_slot: Mutex<Option<Arc<ResultSlot<Worker>>>>,
+    /// The continuation's pid, or 0.
+    bridge_pid: AtomicI32,
+    /// Why the worker could not move into a continuation.
+    bridge_error: Mutex<Option<String>>,
 }
+
+/// The console loop runs on its thread.
+const BRIDGE_NONE: u8 = 0;
+/// The thread is asked to move its loop into a continuation child.
+const BRIDGE_DETACH: u8 = 1;
+/// A continuation child runs the loop (accepting no new client: its fds would be its own).
+const BRIDGE_ACTIVE: u8 = 2;
+/// The continuation is asked to stop and hand the worker back.
+const BRIDGE_RETURN: u8 = 3;
 
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -361,6 +385,24 @@ pub struct Console {
     thread: Option<JoinHandle<Stopped>>,
     /// Stopped by `quiesce`: its shared state lives on in a hand-over.
     quiesced: bool,
+    /// The fds of a console whose thread starts later ([`Console::resume_deferred`]).
+    deferred: Option<ConsoleFds>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn fixed_fds_of(fds: &ConsoleFds) -> Vec<(&'static str, RawFd)> {
+    [
+        ("console-listener", &fds.listener),
+        ("console-pty-master", &fds.pty_master),
+        ("console-pty-slave", &fds.pty_slave),
+        ("console-file", &fds.file),
+    ]
+    .into_iter()
+    .filter_map(|(name, fd)| fd.as_ref().map(|fd| (name, fd.as_raw_fd())))
+    .collect()
 }
 
 impl fmt::Debug for Console {
@@ -465,6 +507,11 @@ impl Console {
             stop: AtomicBool::new(false),
             client_connected: AtomicBool::new(fds.client.is_some()),
             client_fd: AtomicI32::new(fds.client.as_ref().map_or(-1, AsRawFd::as_raw_fd)),
+            bridge: AtomicU8::new(BRIDGE_NONE),
+            bridge_keep: Mutex::new(Vec::new()),
+            bridge_slot: Mutex::new(None),
+            bridge_pid: AtomicI32::new(0),
+            bridge_error: Mutex::new(None),
         }))
     }
 
@@ -474,45 +521,8 @@ impl Console {
         fds: ConsoleFds,
         pending_in: Vec<u8>,
     ) -> Result<Console, ConsoleError> {
-        let mut fixed_fds = Vec::new();
-        let named = [
-            ("console-listener", &fds.listener),
-            ("console-pty-master", &fds.pty_master),
-            ("console-pty-slave", &fds.pty_slave),
-            ("console-file", &fds.file),
-        ];
-        for (name, fd) in named {
-            if let Some(fd) = fd {
-                fixed_fds.push((name, fd.as_raw_fd()));
-            }
-        }
-        let thread = match spec {
-            SerialBackendSpec::Null => None,
-            _ => {
-                let kind = match &spec {
-                    SerialBackendSpec::Socket(p) => Kind::Socket { path: p.clone() },
-                    SerialBackendSpec::File(p) => Kind::File { path: p.clone() },
-                    _ => Kind::Pty,
-                };
-                let worker = Worker {
-                    shared: Arc::clone(&shared),
-                    fds,
-                    kind,
-                    pending_in: pending_in.into(),
-                    client_input_eof: false,
-                    out_retry_at: None,
-                    in_retry_at: None,
-                    file_failing: false,
-                    scratch: Vec::with_capacity(OUT_CHUNK),
-                    reported_dropped: 0,
-                };
-                let handle = std::thread::Builder::new()
-                    .name("vmmd-console".into())
-                    .spawn(move || worker.run())
-                    .map_err(ConsoleError::SpawnThread)?;
-                Some(handle)
-            }
-        };
+        let fixed_fds = fixed_fds_of(&fds);
+        let thread = Self::spawn_worker(&spec, &shared, fds, pending_in)?;
         Ok(Console {
             spec,
             shared,
@@ -521,9 +531,165 @@ impl Console {
             socket_file: None,
             thread,
             quiesced: false,
+            deferred: None,
         })
     }
 
+    fn spawn_worker(
+        spec: &SerialBackendSpec,
+        shared: &Arc<Shared>,
+        fds: ConsoleFds,
+        pending_in: Vec<u8>,
+    ) -> Result<Option<JoinHandle<Stopped>>, ConsoleError> {
+        let kind = match spec {
+            SerialBackendSpec::Null => return Ok(None),
+            SerialBackendSpec::Socket(p) => Kind::Socket { path: p.clone() },
+            SerialBackendSpec::File(p) => Kind::File { path: p.clone() },
+            SerialBackendSpec::Pty => Kind::Pty,
+        };
+        let worker = Worker {
+            shared: Arc::clone(shared),
+            fds,
+            kind,
+            pending_in: pending_in.into(),
+            client_input_eof: false,
+            out_retry_at: None,
+            in_retry_at: None,
+            file_failing: false,
+            scratch: Vec::with_capacity(OUT_CHUNK),
+            reported_dropped: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("vmmd-console".into())
+            .spawn(move || worker.run())
+            .map_err(ConsoleError::SpawnThread)?;
+        Ok(Some(handle))
+    }
+
+    /// Like [`Console::resume`], but the thread starts only in [`Console::start_deferred`]: the
+    /// previous process's bridge still serves these fds (see `cpr::bridge`). Guest output written
+    /// meanwhile is buffered.
+    pub fn resume_deferred(h: ConsoleHandover, buffer_bytes: usize) -> Result<Console, ConsoleError> {
+        if buffer_bytes == 0 {
+            return Err(ConsoleError::ZeroBuffer);
+        }
+        let shared = Self::new_shared(&h.spec, &h.fds, buffer_bytes)?;
+        Ok(Console {
+            fixed_fds: fixed_fds_of(&h.fds),
+            spec: h.spec,
+            shared,
+            pty_path: h.pty_path,
+            socket_file: h.socket_file,
+            thread: None,
+            quiesced: false,
+            deferred: Some(h.fds),
+        })
+    }
+
+    /// Starts the thread of a deferred console, with the bridge's undelivered output and input.
+    pub fn start_deferred(
+        &mut self,
+        pending_out: &[u8],
+        pending_in: Vec<u8>,
+    ) -> Result<(), ConsoleError> {
+        let Some(fds) = self.deferred.take() else {
+            return Ok(());
+        };
+        {
+            // Output the guest wrote before this start comes after the bridge's.
+            let mut out = self.shared.out();
+            let mine: Vec<u8> = out.data.drain(..).collect();
+            out.push(pending_out);
+            out.push(&mine);
+        }
+        self.thread = Self::spawn_worker(&self.spec, &self.shared, fds, pending_in)?;
+        self.shared.signal();
+        Ok(())
+    }
+
+    /// Moves the console thread's loop into a continuation child that outlives an `execve` and
+    /// keeps only `keep` (and stdio) in its fd table; returns once the child serves. The child accepts no new
+    /// client. Guest output keeps flowing.
+    pub fn detach_to_bridge(&self, keep: Vec<RawFd>, timeout: Duration) -> Result<(), ConsoleError> {
+        if self.thread.is_none() {
+            return Ok(());
+        }
+        *lock(&self.shared.bridge_keep) = keep;
+        *lock(&self.shared.bridge_error) = None;
+        self.shared.bridge.store(BRIDGE_DETACH, Ordering::SeqCst);
+        self.shared.signal();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.shared.bridge.load(Ordering::SeqCst) == BRIDGE_ACTIVE {
+                return Ok(());
+            }
+            if let Some(e) = lock(&self.shared.bridge_error).take() {
+                return Err(ConsoleError::Bridge(e));
+            }
+            if Instant::now() >= deadline {
+                self.reattach_from_bridge(timeout);
+                return Err(ConsoleError::Bridge(format!(
+                    "the console thread did not move within {timeout:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// The pid of the continuation serving the console, while there is one.
+    pub fn bridge_pid(&self) -> Option<libc::pid_t> {
+        Some(self.shared.bridge_pid.load(Ordering::SeqCst)).filter(|&p| p > 0)
+    }
+
+    /// Brings the loop back from the continuation onto the console thread (after a failed exec).
+    pub fn reattach_from_bridge(&self, timeout: Duration) {
+        if self.thread.is_none() {
+            return;
+        }
+        let _ = self.shared.bridge.compare_exchange(
+            BRIDGE_DETACH,
+            BRIDGE_NONE,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        if self
+            .shared
+            .bridge
+            .compare_exchange(
+                BRIDGE_ACTIVE,
+                BRIDGE_RETURN,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+        {
+            return;
+        }
+        self.shared.signal();
+        let deadline = Instant::now() + timeout;
+        while self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_NONE && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// In the bridge after the exec: stops the continuation and returns the guest output and input
+    /// it had not delivered, for the successor's console. The fds stay open for the successor.
+    pub fn finish_bridge(&self, timeout: Duration) -> (Vec<u8>, Vec<u8>) {
+        let mut pending_in = Vec::new();
+        if self.shared.bridge.load(Ordering::SeqCst) == BRIDGE_ACTIVE {
+            let slot = lock(&self.shared.bridge_slot).clone();
+            self.shared.bridge.store(BRIDGE_RETURN, Ordering::SeqCst);
+            self.shared.signal();
+            if let Some(worker) = slot.and_then(|s| s.take_within(timeout)) {
+                pending_in = worker.pending_in.iter().copied().collect();
+                // Its fds are the successor's now: this copy of them closes with the bridge.
+                std::mem::forget(worker);
+            }
+        }
+        let mut out = self.shared.out();
+        out.head_seq += out.data.len() as u64;
+        (out.data.drain(..).collect(), pending_in)
+    }
     /// A cheap clonable handle the UART writes guest output to.
     pub fn writer(&self) -> ConsoleWriter {
         ConsoleWriter {
@@ -567,6 +733,14 @@ impl Console {
     /// The console's fds by name (`console-listener`, `console-client`, `console-pty-master`,
     /// `console-pty-slave`, `console-file`), for the CPR fd table. The client entry reflects the
     /// moment of the call: it can change while the thread runs.
+    /// Every fd the console's loop uses (its backend and its wake-up eventfd): what a bridge
+    /// continuation must keep.
+    pub fn loop_fds(&self) -> Vec<RawFd> {
+        let mut v: Vec<RawFd> = self.raw_fds().into_iter().map(|(_, fd)| fd).collect();
+        v.push(self.shared.wake.as_raw_fd());
+        v
+    }
+
     pub fn raw_fds(&self) -> Vec<(String, RawFd)> {
         let mut v: Vec<(String, RawFd)> = self
             .fixed_fds
@@ -906,8 +1080,73 @@ struct Worker {
 impl Worker {
     fn run(mut self) -> Stopped {
         tracing::debug!("console thread started");
+        loop {
+            self.serve(false);
+            if self.shared.stop.load(Ordering::SeqCst)
+                || self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_DETACH
+            {
+                break;
+            }
+            match self.continue_in_child() {
+                Some(w) => self = w,
+                None => {
+                    tracing::error!("the console's bridge failed; the console stops");
+                    return Stopped {
+                        fds: ConsoleFds::default(),
+                        pending_in: Vec::new(),
+                    };
+                }
+            }
+        }
+        // Best effort: hand over what is buffered (blocking only for the file backend).
+        self.pump_output();
+        tracing::debug!("console thread stopped");
+        Stopped {
+            fds: self.fds,
+            pending_in: self.pending_in.into(),
+        }
+    }
+
+    /// Runs the loop in a continuation child until it is told to return, then gets the worker back
+    /// (None if the child lost it). After an exec this thread is gone and the bridge takes it.
+    fn continue_in_child(self) -> Option<Worker> {
+        let shared = Arc::clone(&self.shared);
+        let keep = lock(&shared.bridge_keep).clone();
+        let started = Continuation::start(
+            self,
+            |mut w| {
+                w.serve(true);
+                w.pump_output();
+                w
+            },
+            &keep,
+        );
+        match started {
+            Ok(child) => {
+                *lock(&shared.bridge_slot) = Some(child.slot());
+                shared.bridge_pid.store(child.pid(), Ordering::SeqCst);
+                shared.bridge.store(BRIDGE_ACTIVE, Ordering::SeqCst);
+                let w = child.wait();
+                shared.bridge_pid.store(0, Ordering::SeqCst);
+                *lock(&shared.bridge_slot) = None;
+                shared.bridge.store(BRIDGE_NONE, Ordering::SeqCst);
+                w
+            }
+            Err((e, w)) => {
+                *lock(&shared.bridge_error) = Some(e.to_string());
+                shared.bridge.store(BRIDGE_NONE, Ordering::SeqCst);
+                Some(w)
+            }
+        }
+    }
+
+    /// The loop: until stopped, or told to detach (`bridged` false) or to return (`bridged` true).
+    fn serve(&mut self, bridged: bool) {
+        let leave = if bridged { BRIDGE_RETURN } else { BRIDGE_DETACH };
         let mut in_buf = vec![0u8; IN_CHUNK];
-        while !self.shared.stop.load(Ordering::SeqCst) {
+        while !self.shared.stop.load(Ordering::SeqCst)
+            && self.shared.bridge.load(Ordering::SeqCst) != leave
+        {
             let out_state = self.pump_output();
             let sink_waiting = self.pump_input();
             let now = Instant::now();
@@ -935,7 +1174,7 @@ impl Worker {
                 // SAFETY: the eventfd lives in `self.shared`, which outlives this borrow.
                 let wake = unsafe { BorrowedFd::borrow_raw(self.shared.wake.as_raw_fd()) };
                 pfds.push(PollFd::new(wake, PollFlags::POLLIN));
-                let listen_idx = self.fds.listener.as_ref().map(|l| {
+                let listen_idx = self.fds.listener.as_ref().filter(|_| !bridged).map(|l| {
                     pfds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
                     pfds.len() - 1
                 });
@@ -984,13 +1223,6 @@ impl Worker {
             if !listen_ev.is_empty() {
                 self.accept_clients();
             }
-        }
-        // Best effort: hand over what is buffered (blocking only for the file backend).
-        self.pump_output();
-        tracing::debug!("console thread stopped");
-        Stopped {
-            fds: self.fds,
-            pending_in: self.pending_in.into(),
         }
     }
 

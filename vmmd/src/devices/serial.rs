@@ -107,6 +107,11 @@ impl SerialDevice {
         }
     }
 
+    /// The interrupt eventfd's number.
+    pub fn irq_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.uart.interrupt_evt().0)
+    }
+
     /// Replaces the registers and FIFO with saved ones, keeping the interrupt and output.
     pub fn restore(&mut self, state: &UartState) -> Result<(), SerialError> {
         let irq = self

@@ -35,6 +35,9 @@ pub mod fd_names {
     /// vCPU and console loops still run the guest, and hand it over on request (vmmd's
     /// `cpr::bridge`). Closing it lets the bridge end.
     pub const BRIDGE_CONTROL: &str = "cpr-bridge";
+    /// The memfd the bridge writes the state file into at the take-over (nothing on disk can fail
+    /// after the exec).
+    pub const BRIDGE_STATE: &str = "cpr-bridge-state";
     /// Prefix of pidfds of the bridge's processes, which the new process reaps.
     pub const BRIDGE_TASK_PREFIX: &str = "cpr-bridge-task";
 }

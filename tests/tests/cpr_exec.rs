@@ -379,7 +379,8 @@ fn bad_new_binaries_are_refused_and_the_guest_runs_on() {
 
 #[test]
 fn unwritable_state_file_fails_before_the_exec_and_the_guest_runs_on() {
-    let mut g = boot(2, "64M", false);
+    // Without the bridge the state goes to the state file inside the pause.
+    let mut g = boot_with(2, "64M", false, &["--cpr-exec-bridge", "false"]);
     let vmmd = cpr_tests::bins::vmmd();
     g.update_fails(&vmmd, &["--state", "/dev/full"], "failed", "/dev/full");
     let missing = g.dir.join("no-such-dir/vm.state");
@@ -410,6 +411,21 @@ fn migrate_directly(g: &Guest, binary: &Path, extra: &[&str]) -> Result<(), toni
         .api()
         .migrate(&format!("file:{}", state.display()))
         .map(|_| ())
+}
+
+#[test]
+fn the_bridge_needs_no_writable_state_file() {
+    // The bridge hands the state over in a memfd: a state path that cannot take it does not
+    // matter, one that cannot be created is still refused before anything starts.
+    let mut g = boot(1, "64M", false);
+    let vmmd = cpr_tests::bins::vmmd();
+    g.update_ok(&vmmd, &["--state", "/dev/full"]);
+    g.assert_intact("after an update with /dev/full as the state path");
+    let missing = g.dir.join("no-such-dir/vm.state");
+    let missing = missing.display().to_string();
+    g.update_fails(&vmmd, &["--state", &missing], "failed", "no-such-dir");
+    g.update_ok(&vmmd, &[]);
+    g.assert_intact("after a good update");
 }
 
 #[test]

@@ -1293,15 +1293,24 @@ impl Vm {
                 ))));
             }
         };
+        let state = match state_memfd() {
+            Ok(fd) => fd,
+            Err(e) => {
+                undo_vcpus(self);
+                return Err(VmError::Console(ConsoleError::Bridge(format!(
+                    "cannot create the state memfd: {e}"
+                ))));
+            }
+        };
+        let mut keep = keep;
+        keep.extend([theirs.as_raw_fd(), state.as_raw_fd()]);
         let task = BridgeTask {
             vm: VmPtr(self as *const Vm),
             ctl: theirs.as_raw_fd(),
-            path: path.to_path_buf(),
+            path: PathBuf::from(format!("/proc/self/fd/{}", state.as_raw_fd())),
             saved,
         };
         self.update_status = "cpr-exec: exec".into();
-        let mut keep = keep;
-        keep.push(theirs.as_raw_fd());
         let control = match Continuation::start(task, bridge_control_main, &keep) {
             Ok(c) => c,
             Err((e, _)) => {
@@ -1311,7 +1320,7 @@ impl Vm {
         };
         // From here to the exec this thread shares its TLS with the control continuation, which
         // only waits on the socket until the new process (or the abort below) writes to it.
-        let err = self.exec_to_bridge(path, paused_at, handoff_us, clock, previous, &mine, {
+        let err = self.exec_to_bridge(path, paused_at, handoff_us, clock, previous, [mine.as_raw_fd(), state.as_raw_fd()], {
             let mut pids = vcpu_pids;
             pids.extend(console_pid);
             pids.push(control.pid());
@@ -1335,7 +1344,7 @@ impl Vm {
         handoff_us: u64,
         clock: &PhaseClock,
         previous: &OwnedFd,
-        ctl: &std::os::unix::net::UnixStream,
+        [ctl, state]: [RawFd; 2],
         bridge_pids: Vec<libc::pid_t>,
     ) -> VmError {
         let mut pidfds = Vec::new();
@@ -1352,7 +1361,8 @@ impl Vm {
         let mut fds = vec![
             (fd_names::RAM.to_string(), self.ram.raw_fd()),
             (fd_names::PREVIOUS_BINARY.to_string(), previous.as_raw_fd()),
-            (fd_names::BRIDGE_CONTROL.to_string(), ctl.as_raw_fd()),
+            (fd_names::BRIDGE_CONTROL.to_string(), ctl),
+            (fd_names::BRIDGE_STATE.to_string(), state),
         ];
         if let Some(fd) = self.api_listener_fd {
             fds.push((fd_names::API_LISTENER.to_string(), fd));
@@ -1483,26 +1493,24 @@ impl Vm {
     }
 
     /// The new process's side: asks the previous process's bridge for the guest (once) and starts
-    /// the console with what the bridge had not delivered.
-    /// Returns whether this call took the guest over.
-    fn take_over_from_bridge(&mut self, path: &std::path::Path) -> Result<bool, VmError> {
+    /// the console with what the bridge had not delivered. Returns where the bridge wrote the
+    /// state (None without a bridge) and whether this call took the guest over.
+    fn take_over_from_bridge(&mut self) -> Result<Option<(PathBuf, bool)>, VmError> {
         let Some(ctx) = self.inherited.as_mut() else {
-            return Ok(false);
+            return Ok(None);
         };
         let Some(ctl) = ctx.bridge.as_ref() else {
-            return Ok(false);
+            return Ok(None);
         };
+        let state = ctx
+            .handover
+            .fd(fd_names::BRIDGE_STATE)
+            .map(|fd| PathBuf::from(format!("/proc/self/fd/{fd}")))
+            .ok_or(VmError::Bridge(BridgeError::NotSaved(
+                "the hand-over names no state memfd".into(),
+            )))?;
         if ctx.bridge_reply.is_some() {
-            return Ok(false);
-        }
-        if path != ctx.handover.state_path {
-            return Err(VmError::Incompatible {
-                path: path.to_path_buf(),
-                detail: format!(
-                    "the cpr-exec bridge writes the state to {}: load that file",
-                    ctx.handover.state_path.display()
-                ),
-            });
+            return Ok(Some((state, false)));
         }
         let reply = bridge::take_over(ctl, BRIDGE_REPLY_TIMEOUT)?;
         if let Some(c) = self.console.as_mut() {
@@ -1511,7 +1519,7 @@ impl Vm {
         if let Some(ctx) = self.inherited.as_mut() {
             ctx.bridge_reply = Some(reply);
         }
-        Ok(true)
+        Ok(Some((state, true)))
     }
 
     /// cpr-reboot: pause, flush guest RAM to its file, save state without RAM (fsync) and stop in
@@ -1787,10 +1795,17 @@ impl Vm {
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
     ) -> Result<(), VmError> {
-        if self.take_over_from_bridge(path)? {
-            // The pause starts at the take-over; what came before ran beside the guest.
-            *clock = PhaseClock::new();
-        }
+        let bridged = self.take_over_from_bridge()?;
+        let path = match &bridged {
+            Some((state, took_over)) => {
+                if *took_over {
+                    // The pause starts at the take-over; what came before ran beside the guest.
+                    *clock = PhaseClock::new();
+                }
+                state.as_path()
+            }
+            None => path,
+        };
         let (mut reader, state): (StateReader, VmState) = StateReader::open(path)?;
         report.state_bytes = reader.header().meta_len;
         let incompatible = |detail: String| VmError::Incompatible {
@@ -2028,6 +2043,17 @@ impl Vm {
             warn!(error = %e, "cannot retire the previous VM in the background");
         }
     }
+}
+
+/// A memfd for the bridge's state file (close-on-exec: the exec path clears the flag).
+fn state_memfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a valid C string; the result is checked and owned below.
+    let fd = unsafe { libc::memfd_create(c"vmmd-bridge-state".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd nobody else owns.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// The bridge's control continuation (see `cpr::bridge`): serves the new process's take-over,

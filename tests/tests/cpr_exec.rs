@@ -429,6 +429,37 @@ fn the_bridge_needs_no_writable_state_file() {
 }
 
 #[test]
+fn a_new_binary_that_exits_at_once_leaves_the_guest_in_the_state_file() {
+    // /bin/true is an ELF that vmmd's own checks let through (straight through the API, without
+    // cprctl's preflight): it exits without taking the guest over. The bridge then stops the
+    // guest and writes the state file, and a fresh vmmd on the same RAM file resumes the guest.
+    let mut g = boot(1, "64M", true);
+    let before = g.console.counters();
+    let state = g.dir.join("direct.state");
+    let _ = migrate_directly(&g, Path::new("/bin/true"), &[]);
+    assert!(
+        g.vmm.wait_exit(Duration::from_secs(30)).is_some(),
+        "the process exec'd into /bin/true did not exit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&state).map_or(0, |m| m.len()) == 0 {
+        assert!(Instant::now() < deadline, "the bridge wrote no state file");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut opts = g.vmm.opts.clone();
+    opts.incoming = Some(format!("file:{}", state.display()));
+    opts.dir = None;
+    let (_new, mut console) = VmmdProcess::spawn_with_console(opts);
+    assert!(
+        console.wait_for_heartbeats(Instant::now(), 50, Duration::from_secs(30)),
+        "no heartbeats from the resumed guest: {}",
+        console.output_tail(300)
+    );
+    assert_eq!(console.verify(), Verify::Ok(g.hash.clone()));
+    console.counters().assert_continues(&before);
+}
+
+#[test]
 fn exec_failure_resumes_the_guest_on_the_old_binary() {
     let mut g = boot(1, "64M", false);
     let broken = vmmd_with_missing_interpreter(g.dir.path());

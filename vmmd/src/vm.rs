@@ -460,6 +460,9 @@ unsafe impl Send for VmPtr {}
 struct BridgeTask {
     vm: VmPtr,
     ctl: RawFd,
+    /// The state memfd, as a path in the bridge's fd table.
+    state: PathBuf,
+    /// The operator's state file: where the state goes when the new process died first.
     path: PathBuf,
     saved: SavedRunState,
 }
@@ -1307,7 +1310,8 @@ impl Vm {
         let task = BridgeTask {
             vm: VmPtr(self as *const Vm),
             ctl: theirs.as_raw_fd(),
-            path: PathBuf::from(format!("/proc/self/fd/{}", state.as_raw_fd())),
+            state: PathBuf::from(format!("/proc/self/fd/{}", state.as_raw_fd())),
+            path: path.to_path_buf(),
             saved,
         };
         self.update_status = "cpr-exec: exec".into();
@@ -2068,9 +2072,24 @@ fn bridge_control_main(task: BridgeTask) {
     let vm = unsafe { &*task.vm.0 };
     let ended = bridge::serve(
         &ctl,
-        || vm.bridge_take_over(&task.path, task.saved),
+        || vm.bridge_take_over(&task.state, task.saved),
         || {
-            let _ = vm.bridge_take_over(&task.path, task.saved);
+            // Nobody will take the guest: leave it stopped, in the state file, as a crash inside
+            // the classic pause would (`vmmd --incoming file:PATH` on the same RAM resumes it).
+            let reply = vm.bridge_take_over(&task.path, task.saved);
+            let msg = match reply.saved {
+                Ok(()) => format!(
+                    "vmmd cpr-exec bridge: the new process exited before taking the guest over; the guest is stopped and its state is in {}\n",
+                    task.path.display()
+                ),
+                Err(e) => format!(
+                    "vmmd cpr-exec bridge: the new process exited before taking the guest over, and the state could not be saved to {}: {e}\n",
+                    task.path.display()
+                ),
+            };
+            // SAFETY: write(2) of a live buffer to stderr (no locks: other threads of the old
+            // process may have died holding Rust's stderr lock).
+            unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
         },
     );
     if ended != bridge::Ended::Aborted {

@@ -197,7 +197,8 @@ pub fn frame_body_len(magic: [u8; 8], version: u32, header: &[u8]) -> Result<usi
     if header.len() < FRAME_HEADER || header[..8] != magic {
         return Err(bad("bad magic"));
     }
-    let word = |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
+    let word =
+        |o: usize| u32::from_le_bytes([header[o], header[o + 1], header[o + 2], header[o + 3]]);
     let found = word(8);
     if found != version {
         return Err(HandoverError::Invalid(format!(

@@ -81,9 +81,10 @@ pub struct Cli {
     /// Test hook: the VFIO model lacks VFIO_UPDATE_VADDR and VFIO_UNMAP_ALL.
     #[arg(long, hide = true)]
     pub vfio_model_without_vaddr: bool,
-    /// After loading a state without RAM (cpr-exec, cpr-reboot), map guest RAM into this process in
-    /// the background, ahead of the guest's first accesses. Off by default: on this project's
-    /// shadow-paging hosts it did not shorten the brownout (README, "Figures").
+    /// Map guest RAM into this process ahead of the guest's first accesses after a load without RAM:
+    /// with the cpr-exec bridge, before the take-over (while the guest still runs in the bridge);
+    /// otherwise (classic cpr-exec, cpr-reboot) in the background after the load. Off by default:
+    /// see the README's "Figures" for what it does to the brownout here.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL",
           env = "VMMD_POPULATE_AFTER_LOAD")]
     pub populate_after_load: bool,

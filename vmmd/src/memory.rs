@@ -257,12 +257,15 @@ impl GuestRam {
     /// `rest` between them. After a cpr-exec or a cpr-reboot load the RAM is a fresh mapping of pages
     /// that already exist: every first guest access to a page would otherwise fault in the host,
     /// then in KVM, which is most of the brownout after the resume.
+    ///
+    /// Only pages the backing file already holds are mapped: a hole (guest RAM never written) stays
+    /// a hole instead of being allocated.
     pub fn populate_in_background(
         &self,
         chunk: usize,
         rest: std::time::Duration,
     ) -> std::io::Result<std::thread::JoinHandle<std::io::Result<()>>> {
-        let ranges = self.host_ranges();
+        let ranges = resident_runs(&self.host_ranges())?;
         std::thread::Builder::new()
             .name("vmmd-populate".into())
             .spawn(move || {
@@ -421,6 +424,32 @@ fn open_backing_file(path: &Path) -> Result<File, MemoryError> {
 /// madvise(`advice`) over `ranges` (host mappings of guest RAM), `chunk` bytes at a time with
 /// `rest` between steps. An error stops it (e.g. EINVAL from a kernel without the advice, ENOMEM
 /// once the mapping is gone at exit).
+/// The runs of pages of `ranges` whose backing pages exist (`mincore`: for a shared file mapping it
+/// reports the file's page cache, mapped here or not).
+fn resident_runs(ranges: &[(usize, usize)]) -> std::io::Result<Vec<(usize, usize)>> {
+    const PAGE: usize = 4096;
+    let mut runs = Vec::new();
+    for &(host, len) in ranges {
+        let mut vec = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: `host..host+len` is a live mapping of guest RAM and `vec` has one byte per page.
+        if unsafe { libc::mincore(host as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut start: Option<usize> = None;
+        for (i, b) in vec.iter().chain(std::iter::once(&0)).enumerate() {
+            match (b & 1 == 1, start) {
+                (true, None) => start = Some(i),
+                (false, Some(s)) => {
+                    runs.push((host + s * PAGE, ((i - s) * PAGE).min(len - s * PAGE)));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(runs)
+}
+
 fn advise_in_chunks(
     ranges: &[(usize, usize)],
     advice: libc::c_int,
@@ -501,5 +530,36 @@ mod tests {
             GuestRam::map(ram.file.try_clone().expect("dup"), None, ram.size()).expect("map");
         let v: u32 = again.memory().read_obj(GuestAddress(0x1000)).expect("read");
         assert_eq!(v, 0x1234_5678);
+    }
+
+    #[test]
+    fn population_maps_written_pages_and_leaves_holes() {
+        let ram = GuestRam::create(&"size=16M".parse().expect("spec"), false).expect("create");
+        for gpa in [0x3000u64, 0x4000, 0x5000, 0x20_0000] {
+            ram.memory()
+                .write_obj(1u8, GuestAddress(gpa))
+                .expect("write");
+        }
+        let blocks = |f: &File| {
+            use std::os::unix::fs::MetadataExt;
+            f.metadata().expect("stat").blocks()
+        };
+        let before = blocks(&ram.file);
+        // A fresh mapping of the same pages, as a cpr-exec successor has.
+        let again =
+            GuestRam::map(ram.file.try_clone().expect("dup"), None, ram.size()).expect("map");
+        let host = again.host_ranges()[0].0;
+        let runs = resident_runs(&again.host_ranges()).expect("mincore");
+        assert_eq!(
+            runs,
+            vec![(host + 0x3000, 0x3000), (host + 0x20_0000, 0x1000)]
+        );
+        again
+            .populate_in_background(4 << 20, std::time::Duration::ZERO)
+            .expect("thread")
+            .join()
+            .expect("join")
+            .expect("madvise");
+        assert_eq!(blocks(&ram.file), before, "holes were allocated");
     }
 }

@@ -388,6 +388,8 @@ pub struct VcpuControl {
     /// Guest requests and failures seen by continuations, which cannot reach the event channel;
     /// the successor re-raises them.
     bridged_events: Mutex<Vec<VcpuEvent>>,
+    /// When the first vCPU went back into the guest after the last resume (0: not yet).
+    first_run_ns: std::sync::atomic::AtomicU64,
 }
 
 impl VcpuControl {
@@ -405,6 +407,7 @@ impl VcpuControl {
             threads: Mutex::new(Vec::new()),
             detach_keep: Mutex::new(Vec::new()),
             bridged_events: Mutex::new(Vec::new()),
+            first_run_ns: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -593,7 +596,24 @@ impl VcpuControl {
 
     /// Lets every vCPU run.
     pub fn resume(&self) {
+        self.first_run_ns.store(0, Ordering::Release);
         self.request(Request::Run);
+    }
+
+    /// CLOCK_MONOTONIC (ns) at which the first vCPU left its park to enter the guest after the
+    /// last [`VcpuControl::resume`], waiting at most `timeout` for it.
+    pub fn first_run_ns(&self, timeout: Duration) -> Option<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ns = self.first_run_ns.load(Ordering::Acquire);
+            if ns != 0 {
+                return Some(ns);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::yield_now();
+        }
     }
 
     fn exit(&self) {
@@ -625,6 +645,15 @@ impl VcpuControl {
         };
         st.parked -= 1;
         self.changed.notify_all();
+        drop(st);
+        if next == Park::Run {
+            let _ = self.first_run_ns.compare_exchange(
+                0,
+                cpr_common::cpr::monotonic_ns(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
         next
     }
 

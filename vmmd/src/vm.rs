@@ -1240,7 +1240,10 @@ impl Vm {
         let count = self.vcpus.count();
         let was_running = saved == SavedRunState::Running;
         self.update_status = "cpr-exec: moving the console to the bridge".into();
-        let console = self.console.as_ref().ok_or(VmError::Injected("console missing"))?;
+        let console = self
+            .console
+            .as_ref()
+            .ok_or(VmError::Injected("console missing"))?;
         let keep = self.bridge_fds();
         console.detach_to_bridge(keep.clone(), BRIDGE_MOVE_TIMEOUT)?;
         let console_pid = console.bridge_pid();
@@ -1324,12 +1327,20 @@ impl Vm {
         };
         // From here to the exec this thread shares its TLS with the control continuation, which
         // only waits on the socket until the new process (or the abort below) writes to it.
-        let err = self.exec_to_bridge(path, paused_at, handoff_us, clock, previous, [mine.as_raw_fd(), state.as_raw_fd()], {
-            let mut pids = vcpu_pids;
-            pids.extend(console_pid);
-            pids.push(control.pid());
-            pids
-        });
+        let err = self.exec_to_bridge(
+            path,
+            paused_at,
+            handoff_us,
+            clock,
+            previous,
+            [mine.as_raw_fd(), state.as_raw_fd()],
+            {
+                let mut pids = vcpu_pids;
+                pids.extend(console_pid);
+                pids.push(control.pid());
+                pids
+            },
+        );
         // The exec failed: the control continuation ends, then the loops come back.
         if let Err(e) = bridge::abort(&mine) {
             warn!(error = %e, "cannot tell the bridge that the exec failed");
@@ -1400,7 +1411,10 @@ impl Vm {
             rollback_argv: cpr_exec::with_incoming_file(&argv, path),
             console_pending_out: Vec::new(),
             console_pending_in: Vec::new(),
-            console_pty_path: self.console.as_ref().and_then(|c| c.pty_path().map(Into::into)),
+            console_pty_path: self
+                .console
+                .as_ref()
+                .and_then(|c| c.pty_path().map(Into::into)),
             from_version: VERSION.to_string(),
             generation: self.generation + 1,
             rollback_reason: None,
@@ -1503,9 +1517,9 @@ impl Vm {
         let Some(ctx) = self.inherited.as_mut() else {
             return Ok(None);
         };
-        let Some(ctl) = ctx.bridge.as_ref() else {
+        if ctx.bridge.is_none() {
             return Ok(None);
-        };
+        }
         let state = ctx
             .handover
             .fd(fd_names::BRIDGE_STATE)
@@ -1516,6 +1530,25 @@ impl Vm {
         if ctx.bridge_reply.is_some() {
             return Ok(Some((state, false)));
         }
+        if self.config.populate_after_load {
+            // The guest still runs in the bridge: map guest RAM into this process now, so that
+            // its first accesses after the take-over only fault in KVM.
+            let t = Instant::now();
+            let done = self
+                .ram
+                .populate_in_background(POPULATE_CHUNK, Duration::ZERO)
+                .map(|h| h.join());
+            match done {
+                Ok(Ok(Ok(()))) => info!(
+                    took_ms = t.elapsed().as_millis() as u64,
+                    "guest RAM populated before the take-over"
+                ),
+                _ => warn!("guest RAM not populated before the take-over"),
+            }
+        }
+        let Some(ctl) = self.inherited.as_ref().and_then(|c| c.bridge.as_ref()) else {
+            return Ok(None);
+        };
         let reply = bridge::take_over(ctl, BRIDGE_REPLY_TIMEOUT)?;
         if let Some(c) = self.console.as_mut() {
             c.start_deferred(&reply.console_pending_out, reply.console_pending_in.clone())?;
@@ -1918,7 +1951,7 @@ impl Vm {
             SavedRunState::Suspended => RunState::Suspended,
         };
         clock.lap("resume");
-        if !has_ram && self.config.populate_after_load {
+        if !has_ram && self.config.populate_after_load && bridged.is_none() {
             // The RAM is a fresh mapping of existing pages: map them before the guest faults on them.
             if let Err(e) = self
                 .ram
@@ -1930,7 +1963,7 @@ impl Vm {
         // What this process saw of the guest's pause; a cpr-exec load knows the whole of it.
         report.downtime = clock.start.elapsed();
         if let Some(ctx) = self.inherited.take() {
-            self.finish_cpr_incoming(ctx, clock, report);
+            self.finish_cpr_incoming(ctx, clock, report, next == RunState::Running);
         }
         self.set_run_state(next, "incoming migration completed");
         Ok(())
@@ -1943,10 +1976,20 @@ impl Vm {
         ctx: InheritedContext,
         clock: &mut PhaseClock,
         report: &mut MigrationReport,
+        running: bool,
     ) {
         cpr_exec::disarm_crash_rollback();
         let h = &ctx.handover;
-        let resumed_ns = monotonic_ns();
+        // The pause ends when a vCPU goes back into the guest (this thread may be preempted by
+        // it right after the resume).
+        let resumed_ns = match running {
+            true => self
+                .vcpus
+                .control
+                .first_run_ns(Duration::from_millis(50))
+                .unwrap_or_else(monotonic_ns),
+            false => monotonic_ns(),
+        };
         let mut phases: Vec<(String, Duration)> = h
             .phases
             .iter()
@@ -1968,7 +2011,11 @@ impl Vm {
                         .map(|(n, us)| (n.clone(), Duration::from_micros(*us))),
                 );
                 phases.append(&mut clock.phases);
-                let handoff: Duration = h.phases.iter().map(|(_, us)| Duration::from_micros(*us)).sum();
+                let handoff: Duration = h
+                    .phases
+                    .iter()
+                    .map(|(_, us)| Duration::from_micros(*us))
+                    .sum();
                 report.downtime = handoff + ns(reply.paused_at_ns, resumed_ns);
                 // While the bridge ran the guest (not part of the pause).
                 phases.push(("overlapped-exec".into(), exec));

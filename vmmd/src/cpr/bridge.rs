@@ -63,7 +63,8 @@ pub fn take_over(ctl: &UnixStream, timeout: Duration) -> Result<BridgeReply, Bri
     let mut ctl = ctl;
     ctl.set_read_timeout(Some(timeout))
         .map_err(io("set a read timeout"))?;
-    ctl.write_all(&[TAKE_OVER]).map_err(io("send the request"))?;
+    ctl.write_all(&[TAKE_OVER])
+        .map_err(io("send the request"))?;
     let mut header = [0u8; FRAME_HEADER];
     ctl.read_exact(&mut header)
         .map_err(io("read the answer's header"))?;
@@ -173,9 +174,7 @@ pub fn reap_pidfd(pidfd: &impl AsRawFd) {
                 libc::WEXITED | libc::__WALL,
             )
         };
-        if r == 0
-            || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)
-        {
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
             return;
         }
     }

@@ -95,18 +95,18 @@ fn close_all_but(keep: &mut [RawFd]) {
 }
 
 extern "C" fn continuation_main<V, T>(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `Box<Start<V, T>>` leaked by `Continuation::start` for this child alone.
-    let start = unsafe { Box::from_raw(arg.cast::<Start<V, T>>()) };
-    let Start {
-        value,
-        work,
-        slot,
-        mut keep,
-        sigmask,
-    } = *start;
-    close_all_but(&mut keep);
+    // The start record is never freed here: until the creating thread waits or is gone, it may
+    // still allocate through the TLS this child shares, and a free from this side could race
+    // with it in glibc's per-thread cache. Its few bytes are left to the address space.
+    // SAFETY: `arg` is the `Box<Start<V, T>>` leaked by `Continuation::start` for this child
+    // alone; its fields are read once each and the box is not used afterwards.
+    let start = unsafe { &mut *arg.cast::<Start<V, T>>() };
+    close_all_but(&mut start.keep);
+    // SAFETY: as above; `value` and `slot` are moved out exactly once and never dropped in place.
+    let (value, slot) = unsafe { (std::ptr::read(&start.value), std::ptr::read(&start.slot)) };
     // SAFETY: restores the creating thread's signal mask in this child (all were blocked at clone).
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &sigmask, std::ptr::null_mut()) };
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &start.sigmask, std::ptr::null_mut()) };
+    let work = start.work;
     let code = match std::panic::catch_unwind(AssertUnwindSafe(|| work(value))) {
         Ok(v) => {
             slot.put(v);
@@ -215,8 +215,7 @@ pub fn reap(pid: libc::pid_t) {
             )
         };
         if r == libc::c_long::from(pid)
-            || (r < 0
-                && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
+            || (r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD))
         {
             return;
         }
@@ -263,7 +262,11 @@ mod tests {
         .expect("clone");
         assert_ne!(c.pid(), std::process::id() as i32);
         assert_eq!(c.wait(), Some(vec![1, 2, 3]));
-        assert_eq!(shared.load(Ordering::SeqCst), 7, "the child wrote our memory");
+        assert_eq!(
+            shared.load(Ordering::SeqCst),
+            7,
+            "the child wrote our memory"
+        );
     }
 
     #[test]

@@ -352,7 +352,20 @@ impl Write for ConsoleWriter {
         }
         let wake = {
             let mut out = self.shared.out();
-            out.push(buf);
+            let rest = match self.shared.bridge.load(Ordering::Relaxed) {
+                // In the cpr-exec bridge the console loop competes for the CPU with the new
+                // process's start: the vCPU sends straight to the client when nothing is queued.
+                BRIDGE_ACTIVE if out.data.is_empty() => {
+                    let sent = send_now(self.shared.client_fd.load(Ordering::SeqCst), buf);
+                    out.head_seq += sent as u64;
+                    &buf[sent..]
+                }
+                _ => buf,
+            };
+            if rest.is_empty() {
+                return Ok(buf.len());
+            }
+            out.push(rest);
             std::mem::take(&mut out.waiting)
         };
         if wake {
@@ -364,6 +377,25 @@ impl Write for ConsoleWriter {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Sends what the client's socket takes at once (MSG_DONTWAIT) and returns how much. The caller
+/// holds the output lock, under which the console loop retires the client fd before closing it.
+fn send_now(fd: RawFd, buf: &[u8]) -> usize {
+    if fd < 0 {
+        return 0;
+    }
+    // SAFETY: `fd` is the attached client's socket, open while the output lock is held (see
+    // `disconnect_client`); `buf` is a live buffer of `buf.len()` bytes.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).unwrap_or(0)
 }
 
 /// A socket file this console created and removes when dropped.
@@ -569,7 +601,10 @@ impl Console {
     /// Like [`Console::resume`], but the thread starts only in [`Console::start_deferred`]: the
     /// previous process's bridge still serves these fds (see `cpr::bridge`). Guest output written
     /// meanwhile is buffered.
-    pub fn resume_deferred(h: ConsoleHandover, buffer_bytes: usize) -> Result<Console, ConsoleError> {
+    pub fn resume_deferred(
+        h: ConsoleHandover,
+        buffer_bytes: usize,
+    ) -> Result<Console, ConsoleError> {
         if buffer_bytes == 0 {
             return Err(ConsoleError::ZeroBuffer);
         }
@@ -610,7 +645,11 @@ impl Console {
     /// Moves the console thread's loop into a continuation child that outlives an `execve` and
     /// keeps only `keep` (and stdio) in its fd table; returns once the child serves. The child accepts no new
     /// client. Guest output keeps flowing.
-    pub fn detach_to_bridge(&self, keep: Vec<RawFd>, timeout: Duration) -> Result<(), ConsoleError> {
+    pub fn detach_to_bridge(
+        &self,
+        keep: Vec<RawFd>,
+        timeout: Duration,
+    ) -> Result<(), ConsoleError> {
         if self.thread.is_none() {
             return Ok(());
         }
@@ -667,7 +706,8 @@ impl Console {
         }
         self.shared.signal();
         let deadline = Instant::now() + timeout;
-        while self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_NONE && Instant::now() < deadline {
+        while self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_NONE && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
@@ -1142,7 +1182,11 @@ impl Worker {
 
     /// The loop: until stopped, or told to detach (`bridged` false) or to return (`bridged` true).
     fn serve(&mut self, bridged: bool) {
-        let leave = if bridged { BRIDGE_RETURN } else { BRIDGE_DETACH };
+        let leave = if bridged {
+            BRIDGE_RETURN
+        } else {
+            BRIDGE_DETACH
+        };
         let mut in_buf = vec![0u8; IN_CHUNK];
         while !self.shared.stop.load(Ordering::SeqCst)
             && self.shared.bridge.load(Ordering::SeqCst) != leave
@@ -1396,9 +1440,13 @@ impl Worker {
                 Err(_) => break,
             }
         }
+        {
+            // Writers read the number under the output lock: retire it there before the close.
+            let _out = self.shared.out();
+            self.shared.client_fd.store(-1, Ordering::SeqCst);
+        }
         drop(client);
         self.client_input_eof = false;
-        self.shared.client_fd.store(-1, Ordering::SeqCst);
         self.shared.client_connected.store(false, Ordering::SeqCst);
         if let Kind::Socket { path } = &self.kind {
             tracing::info!(path = %path.display(),

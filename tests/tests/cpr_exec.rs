@@ -200,6 +200,16 @@ impl Guest {
     }
 }
 
+/// The names of the phases in a `cprctl update` report.
+fn phase_names(report: &serde_json::Value) -> Vec<&str> {
+    report["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect()
+}
+
 fn update_keeps_the_guest_running(vcpus: u32, file_backed: bool) {
     update_keeps_the_guest_running_with(vcpus, file_backed, &[], &PHASES);
 }
@@ -233,13 +243,7 @@ fn update_keeps_the_guest_running_with(
     );
     assert_eq!(info.executable, exe_path(pid).display().to_string());
     // The report has vmmd's phases and pause.
-    let phases: Vec<&str> = r.report["phases"]
-        .as_array()
-        .expect("phases")
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
-    assert_eq!(phases, expected_phases, "{}", r.report);
+    assert_eq!(phase_names(&r.report), expected_phases, "{}", r.report);
     assert!(
         r.report["vmmd_pause_micros"].as_u64() > Some(0),
         "{}",
@@ -252,13 +256,7 @@ fn update_keeps_the_guest_running_with(
 
     // And again, back to the original binary, the same way.
     let r = g.update_ok(&cpr_tests::bins::vmmd(), &[]);
-    let phases: Vec<&str> = r.report["phases"]
-        .as_array()
-        .expect("phases")
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
-    assert_eq!(phases, expected_phases, "{}", r.report);
+    assert_eq!(phase_names(&r.report), expected_phases, "{}", r.report);
     assert_eq!(exe_identity(pid), image_before);
     g.assert_intact("after the second update");
 }

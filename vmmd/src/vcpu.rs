@@ -628,6 +628,10 @@ impl VcpuControl {
     /// continuation is told to exit when its thread takes it back.
     fn park_if_requested(&self, on_thread: bool, before_park: impl FnOnce()) -> Park {
         if !self.pause_flag.load(Ordering::Acquire) {
+            // A thread that first gets here after the resume never parked: it enters now.
+            if self.first_run_ns.load(Ordering::Relaxed) == 0 {
+                self.note_first_run();
+            }
             return Park::Run;
         }
         before_park();
@@ -647,14 +651,18 @@ impl VcpuControl {
         self.changed.notify_all();
         drop(st);
         if next == Park::Run {
-            let _ = self.first_run_ns.compare_exchange(
-                0,
-                cpr_common::cpr::monotonic_ns(),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.note_first_run();
         }
         next
+    }
+
+    fn note_first_run(&self) {
+        let _ = self.first_run_ns.compare_exchange(
+            0,
+            cpr_common::cpr::monotonic_ns(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     fn detached_one(&self, delta: isize, failure: Option<String>) {

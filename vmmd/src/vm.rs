@@ -1422,6 +1422,12 @@ impl Vm {
             vfio_model_containers: Vec::new(),
             vfio_msi: Vec::new(),
         };
+        self.exec_with_handover(&handover, "cpr-exec: exec (guest running in the bridge)")
+    }
+
+    /// Writes `handover` to a memfd, lets its fds survive the exec, and execs the new binary.
+    /// Returns only on failure, with the fds back to close-on-exec.
+    fn exec_with_handover(&self, handover: &CprHandover, what: &str) -> VmError {
         let memfd = match handover.to_memfd() {
             Ok(m) => m,
             Err(e) => return CprExecError::from(e).into(),
@@ -1432,7 +1438,7 @@ impl Vm {
         if let Err(e) = preserved.clear_cloexec() {
             return e.into();
         }
-        info!(binary = %self.exec_args[0], generation = handover.generation, "cpr-exec: exec (guest running in the bridge)");
+        info!(binary = %self.exec_args[0], generation = handover.generation, "{what}");
         crate::notify::reloading(&format!("live update: exec {}", self.exec_args[0]));
         let err = cpr_exec::exec(&self.exec_args, None, memfd.as_raw_fd());
         preserved.restore_cloexec();
@@ -1731,21 +1737,7 @@ impl Vm {
             exec_at_ns: monotonic_ns(),
             ..handover
         };
-        let memfd = match handover.to_memfd() {
-            Ok(m) => m,
-            Err(e) => return CprExecError::from(e).into(),
-        };
-        let mut fds = handover.fds.clone();
-        fds.push(("cpr-handover".into(), memfd.as_raw_fd()));
-        let mut preserved = PreservedFds::new(fds);
-        if let Err(e) = preserved.clear_cloexec() {
-            return e.into();
-        }
-        info!(binary = %self.exec_args[0], generation = handover.generation, "cpr-exec: exec");
-        crate::notify::reloading(&format!("live update: exec {}", self.exec_args[0]));
-        let err = cpr_exec::exec(&self.exec_args, None, memfd.as_raw_fd());
-        preserved.restore_cloexec();
-        err.into()
+        self.exec_with_handover(&handover, "cpr-exec: exec")
     }
 
     fn capture(&self, run_state: SavedRunState) -> Result<VmState, VmError> {

@@ -289,6 +289,61 @@ fn update_without_the_bridge() {
 }
 
 #[test]
+fn a_paused_guest_is_updated_paused_and_runs_on_after_resume() {
+    // The bridge moves parked vCPU loops and never resumes them; the new process loads the
+    // paused runstate.
+    let mut g = boot(2, "64M", false);
+    let pid = g.vmm.pid();
+    assert_eq!(g.vmm.api().pause().expect("Pause"), RunState::Paused);
+    let generation = g.generation();
+    let r = cprctl_update(&g.vmm, &cpr_tests::bins::vmmd(), &[]);
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.report);
+    assert_eq!(r.report["pid_after"], pid, "{}", r.report);
+    assert_eq!(r.report["run_state_after"], "paused", "{}", r.report);
+    let info = info_now(&g.vmm.api_socket).expect("Info");
+    assert_eq!(info.update_generation, generation + 1);
+    assert_eq!(info.run_state, RunState::Paused as i32, "{info:?}");
+    assert_eq!(g.vmm.api().resume().expect("Resume"), RunState::Running);
+    g.assert_intact("after resuming the guest updated while paused");
+}
+
+#[test]
+fn a_suspended_guest_is_updated_suspended_and_wakes_on_the_new_binary() {
+    let mut g = boot(2, "64M", false);
+    let before = g.console.counters();
+    g.console.command(b's');
+    g.vmm
+        .api()
+        .wait_for_run_state(RunState::Suspended, SETTLE_TIMEOUT);
+    let generation = g.generation();
+    let r = cprctl_update(&g.vmm, &cpr_tests::bins::vmmd(), &[]);
+    assert_eq!(r.code(), Some(0), "{}\n{}", r.stderr, r.report);
+    assert_eq!(r.report["run_state_after"], "suspended", "{}", r.report);
+    let info = info_now(&g.vmm.api_socket).expect("Info");
+    assert_eq!(info.update_generation, generation + 1);
+    assert_eq!(info.run_state, RunState::Suspended as i32, "{info:?}");
+    assert_eq!(
+        g.vmm.api().wakeup().expect("SystemWakeup"),
+        RunState::Running
+    );
+    g.console.wait_for_line("WAKE", SETTLE_TIMEOUT);
+    assert!(
+        g.console
+            .wait_for_heartbeats(Instant::now(), 50, SETTLE_TIMEOUT),
+        "no heartbeats after the wakeup: {}",
+        g.console.output_tail(300)
+    );
+    let after = g.console.counters();
+    after.assert_continues(&before);
+    assert_eq!(
+        after.suspends,
+        before.suspends + 1,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(g.console.verify(), Verify::Ok(g.hash.clone()));
+}
+
+#[test]
 fn update_with_deferred_load() {
     let mut g = boot(2, "64M", false);
     let r = g.update_ok(&cpr_tests::bins::vmmd(), &["--load", "deferred"]);

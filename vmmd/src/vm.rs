@@ -1273,10 +1273,17 @@ impl Vm {
                 return Err(e.into());
             }
         };
-        if was_running {
+        // The hand-off pause ends when a vCPU is back in the guest, now in the bridge.
+        let handoff_end = if was_running {
             self.vcpus.control.resume();
-        }
-        let handoff_us = monotonic_ns().saturating_sub(paused_at) / 1000;
+            self.vcpus
+                .control
+                .first_run_ns(Duration::from_millis(50))
+                .unwrap_or_else(monotonic_ns)
+        } else {
+            monotonic_ns()
+        };
+        let handoff_us = handoff_end.saturating_sub(paused_at) / 1000;
         clock.lap("handoff");
 
         let undo_vcpus = |vm: &Vm| {

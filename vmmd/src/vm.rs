@@ -255,6 +255,9 @@ pub enum VmError {
     /// Taking the guest over from the cpr-exec bridge failed.
     #[error(transparent)]
     Bridge(#[from] BridgeError),
+    /// The cpr-exec bridge could not be set up; nothing was handed over.
+    #[error("cannot set up the cpr-exec bridge: {0}; the guest runs on this binary (or update with --cpr-exec-bridge false)")]
+    BridgeSetup(String),
     /// VFIO passthrough set-up.
     #[error(transparent)]
     Vfio(#[from] VfioError),
@@ -1301,18 +1304,18 @@ impl Vm {
             Ok(p) => p,
             Err(e) => {
                 undo_vcpus(self);
-                return Err(VmError::Console(ConsoleError::Bridge(format!(
+                return Err(VmError::BridgeSetup(format!(
                     "cannot create the control socket: {e}"
-                ))));
+                )));
             }
         };
         let state = match state_memfd() {
             Ok(fd) => fd,
             Err(e) => {
                 undo_vcpus(self);
-                return Err(VmError::Console(ConsoleError::Bridge(format!(
+                return Err(VmError::BridgeSetup(format!(
                     "cannot create the state memfd: {e}"
-                ))));
+                )));
             }
         };
         let mut keep = keep;
@@ -1329,7 +1332,7 @@ impl Vm {
             Ok(c) => c,
             Err((e, _)) => {
                 undo_vcpus(self);
-                return Err(VmError::Console(ConsoleError::Bridge(e.to_string())));
+                return Err(VmError::BridgeSetup(e.to_string()));
             }
         };
         // From here to the exec this thread shares its TLS with the control continuation, which
@@ -1374,9 +1377,7 @@ impl Vm {
             match bridge::pidfd_open(pid) {
                 Ok(fd) => pidfds.push(fd),
                 Err(e) => {
-                    return VmError::Console(ConsoleError::Bridge(format!(
-                        "pidfd_open of bridge process {pid}: {e}"
-                    )))
+                    return VmError::BridgeSetup(format!("pidfd_open of bridge process {pid}: {e}"))
                 }
             }
         }

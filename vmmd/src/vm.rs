@@ -1524,9 +1524,9 @@ impl Vm {
         reply
     }
 
-    /// The new process's side: asks the previous process's bridge for the guest (once) and starts
-    /// the console with what the bridge had not delivered. Returns where the bridge wrote the
-    /// state (None without a bridge) and whether this call took the guest over.
+    /// The new process's side: asks the previous process's bridge for the guest (once). Returns
+    /// where the bridge wrote the state (None without a bridge) and whether this call took the
+    /// guest over.
     fn take_over_from_bridge(&mut self) -> Result<Option<(PathBuf, bool)>, VmError> {
         let Some(ctx) = self.inherited.as_mut() else {
             return Ok(None);
@@ -1564,9 +1564,8 @@ impl Vm {
             return Ok(None);
         };
         let reply = bridge::take_over(ctl, BRIDGE_REPLY_TIMEOUT)?;
-        if let Some(c) = self.console.as_mut() {
-            c.start_deferred(&reply.console_pending_out, reply.console_pending_in.clone())?;
-        }
+        // The console starts after the resume (`finish_cpr_incoming`): guest output is buffered
+        // until then.
         if let Some(ctx) = self.inherited.as_mut() {
             ctx.bridge_reply = Some(reply);
         }
@@ -1979,6 +1978,13 @@ impl Vm {
         running: bool,
     ) {
         cpr_exec::disarm_crash_rollback();
+        if let (Some(reply), Some(c)) = (&ctx.bridge_reply, self.console.as_mut()) {
+            // What the bridge had not delivered goes out first, then what the guest wrote since.
+            let pending_in = reply.console_pending_in.clone();
+            if let Err(e) = c.start_deferred(&reply.console_pending_out, pending_in) {
+                warn!(error = %e, "cannot start the console after the take-over; guest output stays buffered");
+            }
+        }
         let h = &ctx.handover;
         // The pause ends when a vCPU goes back into the guest (this thread may be preempted by
         // it right after the resume).

@@ -140,15 +140,11 @@ impl<T: Send + 'static> Continuation<T> {
     ) -> Result<Continuation<T>, (ContinuationError, V)> {
         let slot = ResultSlot::new();
         let mut stack = vec![0u8; STACK_BYTES];
-        // SAFETY: zeroed sigset_t values are valid arguments for sigfillset/pthread_sigmask.
-        let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
-            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
-        // SAFETY: fills a sigset we own; blocks every signal in this thread around clone so the
-        // child starts with none deliverable until it has set itself up.
-        unsafe {
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        }
+        // SAFETY: a zeroed sigset_t is a valid out buffer; SIG_SETMASK with no new set only reads
+        // this thread's mask, which the child restores once it has set itself up.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, std::ptr::null(), &mut old) };
         let start = Box::into_raw(Box::new(Start {
             value,
             work,
@@ -156,9 +152,17 @@ impl<T: Send + 'static> Continuation<T> {
             keep: keep.to_vec(),
             sigmask: old,
         }));
-        let pid = clone_vm(&mut stack, continuation_main::<V, T>, start.cast());
-        // SAFETY: restores this thread's own mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+        // SAFETY: the stack lives in the returned `Continuation` until `wait` has reaped the
+        // child (or is leaked with it after an exec); `start` is leaked to the child, which
+        // alone uses it.
+        let pid = unsafe {
+            clone_vm(
+                &mut stack,
+                continuation_main::<V, T>,
+                start.cast(),
+                libc::CLONE_VM | libc::SIGCHLD,
+            )
+        };
         match pid {
             Ok(pid) => Ok(Continuation { pid, slot, stack }),
             Err(e) => {
@@ -222,20 +226,38 @@ pub fn reap(pid: libc::pid_t) {
     }
 }
 
-/// `clone(CLONE_VM | SIGCHLD)` of `main(arg)` on the top of `stack`.
-fn clone_vm(
+/// `clone(flags)` of `main(arg)` on the top of `stack`, with every signal blocked in this thread
+/// around the call, so the child starts with none deliverable (it unblocks what it wants).
+///
+/// # Safety
+/// `flags` must include `CLONE_VM`; `stack` must stay allocated until the child has exited (or
+/// forever, after an exec); `main` must only use `arg` and what it points to, which must stay
+/// valid for as long as the child uses it.
+pub(crate) unsafe fn clone_vm(
     stack: &mut [u8],
     main: extern "C" fn(*mut libc::c_void) -> libc::c_int,
     arg: *mut libc::c_void,
+    flags: libc::c_int,
 ) -> std::io::Result<libc::pid_t> {
-    // SAFETY: the stack pointer is the 16-byte aligned top of `stack`, which the caller keeps alive
-    // until the child has exited (or forever, after an exec); `main` only uses `arg`.
+    // SAFETY: zeroed sigset_t values are valid arguments for sigfillset/pthread_sigmask.
+    let (mut all, mut old): (libc::sigset_t, libc::sigset_t) =
+        unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+    // SAFETY: fills a sigset we own; blocks every signal in this thread until after clone.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the stack pointer is the 16-byte aligned top of `stack`; the rest is the caller's
+    // contract above.
     let pid = unsafe {
         let top = (stack.as_mut_ptr().add(stack.len()) as usize & !15) as *mut libc::c_void;
-        libc::clone(main, top, libc::CLONE_VM | libc::SIGCHLD, arg)
+        libc::clone(main, top, flags, arg)
     };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: restores this thread's own mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     if pid < 0 {
-        Err(std::io::Error::last_os_error())
+        Err(err)
     } else {
         Ok(pid)
     }

@@ -19,6 +19,9 @@ use std::sync::OnceLock;
 
 use cpr_common::cpr::{fd_names, set_cloexec, CprHandover, HandoverError, HANDOVER_ENV};
 
+use super::continuation::clone_vm;
+pub use super::continuation::reap;
+
 /// Why a cpr-exec step failed. Before `execve` succeeds, the guest keeps running on this binary.
 #[derive(Debug, thiserror::Error)]
 pub enum CprExecError {
@@ -422,27 +425,17 @@ impl AddressSpaceKeeper {
         let (read, release) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         let mut stack = vec![0u8; KEEPER_STACK];
-        // SAFETY: the stack pointer is the 16-byte aligned top of `stack`, which outlives the child's
-        // use of it (kept in `self` until the child is reaped, or left in the old address space after
-        // an exec); all signals are blocked around clone so the child starts with none deliverable.
+        // SAFETY: the stack stays in `self` until the child is reaped (or in the old address space
+        // after an exec); the child only makes raw syscalls on the fd number it is given (see
+        // `keeper_main`).
         let pid = unsafe {
-            let top = stack.as_mut_ptr().add(KEEPER_STACK) as usize & !15;
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-            let pid = libc::clone(
+            clone_vm(
+                &mut stack,
                 keeper_main,
-                top as *mut libc::c_void,
-                libc::CLONE_VM | libc::SIGCHLD,
                 read.as_raw_fd() as usize as *mut libc::c_void,
-            );
-            libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-            pid
-        };
-        if pid < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+                libc::CLONE_VM | libc::SIGCHLD,
+            )
+        }?;
         drop(read);
         Ok(AddressSpaceKeeper {
             pid,
@@ -510,42 +503,20 @@ pub fn detach_teardown() -> std::io::Result<libc::pid_t> {
     }
     // The child runs on this stack until it exits; the process exits first, so it is never freed.
     let stack = Box::leak(vec![0u8; KEEPER_STACK].into_boxed_slice());
-    // SAFETY: the stack pointer is the 16-byte aligned top of a leaked allocation; all signals are
-    // blocked around clone so the child starts with none deliverable; the child only makes raw
-    // syscalls (see `teardown_main`).
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(KEEPER_STACK) as usize & !15;
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
+    // SAFETY: the stack is leaked; the child only makes raw syscalls on the pidfd number it is
+    // given (see `teardown_main`).
+    unsafe {
+        clone_vm(
+            stack,
             teardown_main,
-            top as *mut libc::c_void,
-            libc::CLONE_VM | libc::CLONE_FILES,
             pidfd as usize as *mut libc::c_void,
-        );
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        pid
-    };
-    if pid < 0 {
-        let e = std::io::Error::last_os_error();
+            libc::CLONE_VM | libc::CLONE_FILES,
+        )
+    }
+    .inspect_err(|_| {
         // SAFETY: closing the pidfd opened above, which nothing else uses.
         unsafe { libc::close(pidfd) };
-        return Err(e);
-    }
-    Ok(pid)
-}
-
-/// Waits for a keeper (or any child) `pid` to exit.
-pub fn reap(pid: libc::pid_t) {
-    let mut status = 0;
-    // SAFETY: waitpid on our own child; `status` is a valid out pointer.
-    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0 {
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            break;
-        }
-    }
+    })
 }
 
 /// Takes ownership of an inherited fd and makes it close-on-exec again.

@@ -249,6 +249,12 @@ impl OutBuf {
         self.data.extend(keep);
     }
 
+    /// Takes everything not yet delivered (it counts as handed on).
+    fn take_all(&mut self) -> Vec<u8> {
+        self.head_seq += self.data.len() as u64;
+        self.data.drain(..).collect()
+    }
+
     /// Copies the oldest bytes into `scratch`; returns the stream offset of the copy.
     fn peek(&self, scratch: &mut Vec<u8>) -> u64 {
         scratch.clear();
@@ -726,9 +732,7 @@ impl Console {
                 std::mem::forget(worker);
             }
         }
-        let mut out = self.shared.out();
-        out.head_seq += out.data.len() as u64;
-        (out.data.drain(..).collect(), pending_in)
+        (self.shared.out().take_all(), pending_in)
     }
     /// A cheap clonable handle the UART writes guest output to.
     pub fn writer(&self) -> ConsoleWriter {
@@ -896,11 +900,7 @@ impl Console {
                 pending_in: Vec::new(),
             },
         };
-        let pending_out: Vec<u8> = {
-            let mut out = self.shared.out();
-            out.head_seq += out.data.len() as u64;
-            out.data.drain(..).collect()
-        };
+        let pending_out = self.shared.out().take_all();
         self.quiesced = true;
         ConsoleHandover {
             spec: self.spec.clone(),

@@ -1155,8 +1155,12 @@ impl Worker {
         let started = Continuation::start(
             self,
             |mut w| {
+                // No logging here: a thread the exec killed may have died holding the log
+                // writer's lock.
+                let quiet = tracing::dispatcher::set_default(&tracing::Dispatch::none());
                 w.serve(true);
                 w.pump_output();
+                drop(quiet);
                 w
             },
             &keep,

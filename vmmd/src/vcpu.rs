@@ -467,25 +467,16 @@ impl VcpuControl {
     ) -> Result<Vec<libc::pid_t>, VcpuError> {
         *self.detach_keep.lock().unwrap_or_else(|e| e.into_inner()) = keep;
         self.request(Request::Detach);
-        let deadline = Instant::now() + timeout;
-        let mut st = self.lock();
-        while st.detached < count && st.detach_failed.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            st = self
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        let (done, failed) = (st.detached, st.detach_failed.take());
-        drop(st);
+        let (done, failed) = {
+            let (mut st, _) = self.wait_until(timeout, |st| {
+                st.detached >= count || st.detach_failed.is_some()
+            });
+            (st.detached, st.detach_failed.take())
+        };
         if done < count || failed.is_some() {
             // Whatever got detached comes back: stop at the next park, then reattach.
             self.request(Request::Pause);
-            let _ = self.wait_parked(count, timeout);
+            let _ = self.wait_until(timeout, |st| st.parked >= count);
             self.reattach(count, timeout)?;
             return Err(VcpuError::Detach {
                 reason: failed.unwrap_or_else(|| format!("only {done} of {count} in time")),
@@ -507,33 +498,28 @@ impl VcpuControl {
     /// Ends the continuations of paused vCPUs: their threads take the loops back, paused.
     pub fn reattach(&self, count: usize, timeout: Duration) -> Result<(), VcpuError> {
         self.request(Request::Reattach);
-        let deadline = Instant::now() + timeout;
-        let mut st = self.lock();
-        while st.detached > 0 || st.parked < count {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let missing = st.detached;
-                drop(st);
-                return Err(VcpuError::PauseTimeout { missing, timeout });
-            }
-            st = self
-                .changed
-                .wait_timeout(st, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
+        let (st, done) = self.wait_until(timeout, |st| st.detached == 0 && st.parked >= count);
+        let missing = st.detached;
         drop(st);
+        if !done {
+            return Err(VcpuError::PauseTimeout { missing, timeout });
+        }
         self.request(Request::Pause);
         Ok(())
     }
 
-    fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+    /// Waits at most `timeout` for `done` to hold; returns the state and whether it held.
+    fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&ControlState) -> bool,
+    ) -> (MutexGuard<'_, ControlState>, bool) {
         let deadline = Instant::now() + timeout;
         let mut st = self.lock();
-        while st.parked < count {
+        while !done(&st) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return false;
+                return (st, false);
             }
             st = self
                 .changed
@@ -541,7 +527,7 @@ impl VcpuControl {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        true
+        (st, true)
     }
 
     /// In the bridge after a take-over: the (parked) continuation loops exit.
@@ -692,6 +678,30 @@ pub enum VcpuEvent {
         /// What happened.
         reason: String,
     },
+}
+
+impl From<VcpuEvent> for cpr_common::cpr::BridgedEvent {
+    fn from(e: VcpuEvent) -> Self {
+        use cpr_common::cpr::BridgedEvent as B;
+        match e {
+            VcpuEvent::Guest(GuestRequest::PowerOff) => B::PowerOff,
+            VcpuEvent::Guest(GuestRequest::Suspend) => B::Suspend,
+            VcpuEvent::Guest(GuestRequest::Reset(why)) => B::Reset(why),
+            VcpuEvent::Failed { id, reason } => B::Failed { vcpu: id, reason },
+        }
+    }
+}
+
+impl From<cpr_common::cpr::BridgedEvent> for VcpuEvent {
+    fn from(e: cpr_common::cpr::BridgedEvent) -> Self {
+        use cpr_common::cpr::BridgedEvent as B;
+        match e {
+            B::PowerOff => VcpuEvent::Guest(GuestRequest::PowerOff),
+            B::Suspend => VcpuEvent::Guest(GuestRequest::Suspend),
+            B::Reset(why) => VcpuEvent::Guest(GuestRequest::Reset(why)),
+            B::Failed { vcpu, reason } => VcpuEvent::Failed { id: vcpu, reason },
+        }
+    }
 }
 
 /// A running set of vCPU threads.

@@ -1341,7 +1341,6 @@ impl Vm {
             path,
             paused_at,
             handoff_us,
-            clock,
             previous,
             [mine.as_raw_fd(), state.as_raw_fd()],
             {
@@ -1367,7 +1366,6 @@ impl Vm {
         path: &std::path::Path,
         paused_at_ns: u64,
         handoff_us: u64,
-        clock: &PhaseClock,
         previous: &OwnedFd,
         [ctl, state]: [RawFd; 2],
         bridge_pids: Vec<libc::pid_t>,
@@ -1400,22 +1398,13 @@ impl Vm {
             fds.extend(c.raw_fds());
         }
         let argv: Vec<String> = std::env::args().collect();
-        let mut phases: Vec<(String, u64)> = clock
-            .phases
-            .iter()
-            .map(|(n, d)| (n.clone(), d.as_micros() as u64))
-            .collect();
-        // Only the hand-off paused the guest; the rest ran beside it.
-        phases.retain(|(n, _)| n == "handoff");
-        if let Some(h) = phases.first_mut() {
-            h.1 = handoff_us;
-        }
         let handover = CprHandover {
             fds,
             state_path: path.to_path_buf(),
             paused_at_ns,
             exec_at_ns: monotonic_ns(),
-            phases,
+            // Only the hand-off paused the guest; the rest ran beside it.
+            phases: vec![("handoff".into(), handoff_us)],
             rollback_argv: cpr_exec::with_incoming_file(&argv, path),
             console_pending_out: Vec::new(),
             console_pending_in: Vec::new(),
@@ -1514,12 +1503,7 @@ impl Vm {
             .control
             .take_bridged_events()
             .into_iter()
-            .map(|e| match e {
-                VcpuEvent::Guest(GuestRequest::PowerOff) => BridgedEvent::PowerOff,
-                VcpuEvent::Guest(GuestRequest::Suspend) => BridgedEvent::Suspend,
-                VcpuEvent::Guest(GuestRequest::Reset(why)) => BridgedEvent::Reset(why),
-                VcpuEvent::Failed { id, reason } => BridgedEvent::Failed { vcpu: id, reason },
-            })
+            .map(BridgedEvent::from)
             .collect();
         reply
     }
@@ -1996,32 +1980,20 @@ impl Vm {
                 .unwrap_or_else(monotonic_ns),
             false => monotonic_ns(),
         };
-        let mut phases: Vec<(String, Duration)> = h
-            .phases
-            .iter()
-            .map(|(n, us)| (n.clone(), Duration::from_micros(*us)))
-            .collect();
+        let micros = |list: &[(String, u64)]| -> Vec<(String, Duration)> {
+            list.iter()
+                .map(|(n, us)| (n.clone(), Duration::from_micros(*us)))
+                .collect()
+        };
+        let mut phases = micros(&h.phases);
         let ns = |a: u64, b: u64| Duration::from_nanos(b.saturating_sub(a));
-        let load_started = clock.start;
-        let startup = load_started.elapsed();
-        let load_total: Duration = clock.phases.iter().map(|(_, d)| *d).sum();
-        let startup = ns(ctx.started_ns, resumed_ns).saturating_sub(startup.max(load_total));
         let exec = ns(h.exec_at_ns, ctx.started_ns);
         match &ctx.bridge_reply {
-            // Two pauses: the hand-off to the bridge (in `h.phases`) and the take-over.
+            // Two pauses: the hand-off to the bridge (all of `h.phases`) and the take-over.
             Some(reply) => {
-                phases.extend(
-                    reply
-                        .phases
-                        .iter()
-                        .map(|(n, us)| (n.clone(), Duration::from_micros(*us))),
-                );
+                let handoff: Duration = phases.iter().map(|(_, d)| *d).sum();
+                phases.extend(micros(&reply.phases));
                 phases.append(&mut clock.phases);
-                let handoff: Duration = h
-                    .phases
-                    .iter()
-                    .map(|(_, us)| Duration::from_micros(*us))
-                    .sum();
                 report.downtime = handoff + ns(reply.paused_at_ns, resumed_ns);
                 // While the bridge ran the guest (not part of the pause).
                 phases.push(("overlapped-exec".into(), exec));
@@ -2031,6 +2003,9 @@ impl Vm {
                 ));
             }
             None => {
+                let load_total: Duration = clock.phases.iter().map(|(_, d)| *d).sum();
+                let startup = ns(ctx.started_ns, resumed_ns)
+                    .saturating_sub(clock.start.elapsed().max(load_total));
                 phases.push(("exec".into(), exec));
                 phases.push(("startup".into(), startup));
                 phases.append(&mut clock.phases);
@@ -2056,13 +2031,7 @@ impl Vm {
         );
         // Guest events the bridge saw, acted on now that the guest runs here.
         for e in ctx.bridge_reply.iter().flat_map(|r| r.guest_events.iter()) {
-            let event = match e.clone() {
-                BridgedEvent::PowerOff => VcpuEvent::Guest(GuestRequest::PowerOff),
-                BridgedEvent::Suspend => VcpuEvent::Guest(GuestRequest::Suspend),
-                BridgedEvent::Reset(why) => VcpuEvent::Guest(GuestRequest::Reset(why)),
-                BridgedEvent::Failed { vcpu, reason } => VcpuEvent::Failed { id: vcpu, reason },
-            };
-            let _ = self.vcpu_events.send(event);
+            let _ = self.vcpu_events.send(VcpuEvent::from(e.clone()));
         }
         // Closing the previous VM's fds destroys it (~15 ms of kernel time): off the guest's path.
         // Everything else held for a rollback is closed now.

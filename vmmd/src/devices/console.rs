@@ -663,20 +663,25 @@ impl Console {
         *lock(&self.shared.bridge_error) = None;
         self.shared.bridge.store(BRIDGE_DETACH, Ordering::SeqCst);
         self.shared.signal();
+        // The thread moves (ACTIVE) or gives up (back to NONE with an error).
+        self.wait_bridge_state(timeout, |b| b != BRIDGE_DETACH);
+        if let Some(e) = lock(&self.shared.bridge_error).take() {
+            return Err(ConsoleError::Bridge(e));
+        }
+        if self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_ACTIVE {
+            self.reattach_from_bridge(timeout);
+            return Err(ConsoleError::Bridge(format!(
+                "the console thread did not move within {timeout:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Polls the bridge state until `done` holds or `timeout` passes (the console thread sets it
+    /// from its loop, which has no condition variable to signal).
+    fn wait_bridge_state(&self, timeout: Duration, done: impl Fn(u8) -> bool) {
         let deadline = Instant::now() + timeout;
-        loop {
-            if self.shared.bridge.load(Ordering::SeqCst) == BRIDGE_ACTIVE {
-                return Ok(());
-            }
-            if let Some(e) = lock(&self.shared.bridge_error).take() {
-                return Err(ConsoleError::Bridge(e));
-            }
-            if Instant::now() >= deadline {
-                self.reattach_from_bridge(timeout);
-                return Err(ConsoleError::Bridge(format!(
-                    "the console thread did not move within {timeout:?}"
-                )));
-            }
+        while !done(self.shared.bridge.load(Ordering::SeqCst)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(100));
         }
     }
@@ -711,11 +716,7 @@ impl Console {
             return;
         }
         self.shared.signal();
-        let deadline = Instant::now() + timeout;
-        while self.shared.bridge.load(Ordering::SeqCst) != BRIDGE_NONE && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_micros(100));
-        }
+        self.wait_bridge_state(timeout, |b| b == BRIDGE_NONE);
     }
 
     /// In the bridge after the exec: stops the continuation and returns the guest output and input

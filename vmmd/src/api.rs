@@ -17,6 +17,7 @@ use tracing::info;
 use vmmd_proto::v1 as pb;
 use vmmd_proto::v1::vmm_server::{Vmm, VmmServer};
 
+use crate::cpr::status::UpdateStatus;
 use crate::vm::{
     EventBus, MigrationReport, MigrationStatus, RunState, Vm, VmError, VmEvent, VERSION,
 };
@@ -145,6 +146,16 @@ fn pb_run_state(s: RunState) -> pb::RunState {
     }
 }
 
+fn pb_update_state(s: &UpdateStatus) -> pb::UpdateState {
+    match s {
+        UpdateStatus::None => pb::UpdateState::None,
+        UpdateStatus::InProgress(_) => pb::UpdateState::InProgress,
+        UpdateStatus::Failed(_) => pb::UpdateState::Failed,
+        UpdateStatus::Updated { .. } => pb::UpdateState::Updated,
+        UpdateStatus::RolledBack(_) => pb::UpdateState::RolledBack,
+    }
+}
+
 fn pb_mode(m: MigrationMode) -> pb::MigrationMode {
     match m {
         MigrationMode::Normal => pb::MigrationMode::Normal,
@@ -250,7 +261,7 @@ impl Vmm for VmmApi {
                     vm.serial_pty(),
                     vm.cpr_exec_blockers(),
                     vm.generation(),
-                    vm.update_status().to_string(),
+                    vm.update_status().clone(),
                     (
                         vm.cpr_reboot_blockers(),
                         vm.cpr_reboot_blockers_cleared_by_suspend(),
@@ -294,7 +305,9 @@ impl Vmm for VmmApi {
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
             state_format_version: cpr_common::state::STATE_FORMAT_VERSION,
-            update_status: status,
+            update_status: status.to_string(),
+            update_state: pb_update_state(&status) as i32,
+            update_detail: status.detail().to_string(),
             cpr_reboot_blockers: reboot_blockers.0,
             cpr_reboot_blockers_cleared_by_suspend: reboot_blockers.1,
             command_line: std::env::args().collect(),

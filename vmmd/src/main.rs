@@ -294,7 +294,7 @@ async fn serve(prepared: Prepared) -> Result<u8, MainError> {
     let listener = api::to_tokio(listener)?;
     {
         let v = &vm;
-        let status = if v.update_status().is_empty() {
+        let status = if v.update_status() == &vmmd::cpr::status::UpdateStatus::None {
             v.run_state().to_string()
         } else {
             format!("{}; {}", v.run_state(), v.update_status())

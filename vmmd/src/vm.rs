@@ -24,6 +24,7 @@ use crate::cpr::bridge::{self, BridgeError};
 use crate::cpr::continuation::Continuation;
 use crate::cpr::exec::{self as cpr_exec, CprExecError, PreservedFds};
 use crate::cpr::state::{KvmVmError, KvmVmState, SavedRunState, VmState};
+use crate::cpr::status::UpdateStatus;
 use crate::devices::console::{Console, ConsoleError, ConsoleHandover, SerialBackendSpec};
 use crate::devices::pci::PciBus;
 use crate::devices::pm::PmDevice;
@@ -413,7 +414,7 @@ pub struct Vm {
     api_listener_fd: Option<RawFd>,
     inherited: Option<InheritedContext>,
     generation: u64,
-    update_status: String,
+    update_status: UpdateStatus,
     workflow_step: String,
     /// The runstate a completed save started from (what `resume` from postmigrate returns to).
     saved_from: Option<SavedRunState>,
@@ -650,7 +651,7 @@ impl Vm {
             api_listener_fd: None,
             inherited,
             generation,
-            update_status: String::new(),
+            update_status: UpdateStatus::None,
             workflow_step: String::new(),
             saved_from: None,
             shut_down_after_save: false,
@@ -933,7 +934,7 @@ impl Vm {
     }
 
     /// The last update step this process saw.
-    pub fn update_status(&self) -> &str {
+    pub fn update_status(&self) -> &UpdateStatus {
         &self.update_status
     }
 
@@ -1103,7 +1104,7 @@ impl Vm {
         path: &std::path::Path,
         saved: SavedRunState,
     ) -> Result<MigrationReport, VmError> {
-        self.update_status = "cpr-exec: preflight".into();
+        self.update_status = UpdateStatus::InProgress("preflight");
         // The running binary is opened for a rollback now, not inside the pause.
         let previous = match self
             .cpr_exec_preflight(path)
@@ -1112,7 +1113,7 @@ impl Vm {
             Ok(fd) => fd,
             Err(e) => {
                 self.update_status =
-                    format!("cpr-exec failed: refused before pausing the guest: {e}");
+                    UpdateStatus::Failed(format!("refused before pausing the guest: {e}"));
                 return Err(e);
             }
         };
@@ -1149,7 +1150,8 @@ impl Vm {
             let paused_at = monotonic_ns();
             clock.lap("pause");
             if let Some(v) = &mut self.vfio {
-                self.update_status = "cpr-exec: invalidating VFIO DMA host addresses".into();
+                self.update_status =
+                    UpdateStatus::InProgress("invalidating VFIO DMA host addresses");
                 // One-shot, so that the next update from this process can succeed.
                 let twice = self.config.fault == Some(FaultInjection::VfioInvalidateTwice)
                     && !INVALIDATED_TWICE.swap(true, std::sync::atomic::Ordering::Relaxed);
@@ -1161,7 +1163,7 @@ impl Vm {
                 }
                 clock.lap("vfio-invalidate");
             }
-            self.update_status = "cpr-exec: saving".into();
+            self.update_status = UpdateStatus::InProgress("saving");
             let Err(e) =
                 self.exec_paused(path, saved, paused_at, &mut clock, &mut report, &prepared);
             // Compensation: the host addresses this process invalidated are valid again.
@@ -1184,7 +1186,7 @@ impl Vm {
         }
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
         crate::notify::ready(&format!("running; live update failed: {err}"));
-        self.update_status = format!("cpr-exec failed: {err}");
+        self.update_status = UpdateStatus::Failed(err.to_string());
         if was_running {
             self.vcpus.control.resume();
         }
@@ -1212,7 +1214,7 @@ impl Vm {
         let Err(err) = result;
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
         crate::notify::ready(&format!("running; live update failed: {err}"));
-        self.update_status = format!("cpr-exec failed: {err}");
+        self.update_status = UpdateStatus::Failed(err.to_string());
         if was_running {
             self.vcpus.control.resume();
         }
@@ -1242,7 +1244,7 @@ impl Vm {
             })?;
         let count = self.vcpus.count();
         let was_running = saved == SavedRunState::Running;
-        self.update_status = "cpr-exec: moving the console to the bridge".into();
+        self.update_status = UpdateStatus::InProgress("moving the console to the bridge");
         let console = self
             .console
             .as_ref()
@@ -1257,7 +1259,7 @@ impl Vm {
         };
         clock.lap("console-bridge");
 
-        self.update_status = "cpr-exec: moving the vCPUs to the bridge".into();
+        self.update_status = UpdateStatus::InProgress("moving the vCPUs to the bridge");
         if was_running {
             if let Err(e) = self.pause_vcpus() {
                 undo_console(self);
@@ -1327,7 +1329,7 @@ impl Vm {
             path: path.to_path_buf(),
             saved,
         };
-        self.update_status = "cpr-exec: exec".into();
+        self.update_status = UpdateStatus::InProgress("exec");
         let control = match Continuation::start(task, bridge_control_main, &keep) {
             Ok(c) => c,
             Err((e, _)) => {
@@ -2020,8 +2022,10 @@ impl Vm {
             None => h.generation,
         };
         self.update_status = match &h.rollback_reason {
-            Some(why) => format!("rolled back to this binary: {why}"),
-            None => format!("updated from vmmd {}", h.from_version),
+            Some(why) => UpdateStatus::RolledBack(why.clone()),
+            None => UpdateStatus::Updated {
+                from: h.from_version.clone(),
+            },
         };
         info!(
             generation = self.generation,

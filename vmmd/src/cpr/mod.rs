@@ -4,3 +4,4 @@ pub mod bridge;
 pub mod continuation;
 pub mod exec;
 pub mod state;
+pub mod status;

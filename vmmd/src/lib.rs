@@ -9,6 +9,7 @@ pub mod cpr;
 pub mod devices;
 pub mod memory;
 pub mod notify;
+pub mod persist;
 pub mod vcpu;
 pub mod vfio;
 pub mod vm;

@@ -1,6 +1,5 @@
 //! What `vmmd` and `cprctl` must agree on: migration modes and URIs, byte sizes, and the state-file format.
 
-pub mod cpr;
 pub mod mode;
 pub mod size;
 pub mod state;

@@ -26,7 +26,12 @@ use std::path::{Path, PathBuf};
 /// First bytes of every state file.
 pub const STATE_MAGIC: [u8; 8] = *b"VMMDSTAT";
 /// The format version this build writes.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+///
+/// - 1: a flat VM state (vCPUs, KVM VM, UART, PM); the console's undelivered bytes and the VFIO
+///   devices' MSI programming travelled in the CPR hand-over.
+/// - 2: the VM state composed of its devices' saved states (`{vm, vcpus, devices}`), console bytes
+///   and MSI programming included.
+pub const STATE_FORMAT_VERSION: u32 = 2;
 /// The oldest format version this build reads.
 pub const STATE_FORMAT_MIN_VERSION: u32 = 1;
 /// Size of the fixed header.
@@ -39,6 +44,14 @@ const FLAG_HAS_RAM: u32 = 1;
 /// Whether this build can read state files of `version`.
 pub fn can_read_version(version: u32) -> bool {
     (STATE_FORMAT_MIN_VERSION..=STATE_FORMAT_VERSION).contains(&version)
+}
+
+/// A meta section readable from every format version this build accepts: the decoder of an older
+/// version migrates it to today's layout, so callers only ever see the current structure.
+pub trait VersionedMeta: Sized {
+    /// Decodes the meta of a file written with format `version` (already checked to be in
+    /// `STATE_FORMAT_MIN_VERSION..=STATE_FORMAT_VERSION`). Returns the value and the bytes left over.
+    fn decode_version(version: u32, bytes: &[u8]) -> Result<(Self, &[u8]), postcard::Error>;
 }
 
 /// Why a state file cannot be written or read.
@@ -279,7 +292,7 @@ pub fn encode_meta<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StateFileE
 
 /// Parses a complete in-memory state file (header + meta, RAM section skipped but length-checked) and
 /// decodes the meta. This is what the fuzz target drives.
-pub fn parse_state_bytes<T: serde::de::DeserializeOwned>(
+pub fn parse_state_bytes<T: VersionedMeta>(
     bytes: &[u8],
 ) -> Result<(StateHeader, T), StateFileError> {
     let path = Path::new("<memory>");
@@ -311,7 +324,7 @@ fn check_len(header: &StateHeader, actual: u64, path: &Path) -> Result<(), State
     Ok(())
 }
 
-fn check_meta<T: serde::de::DeserializeOwned>(
+fn check_meta<T: VersionedMeta>(
     header: &StateHeader,
     meta: &[u8],
     path: &Path,
@@ -326,7 +339,7 @@ fn check_meta<T: serde::de::DeserializeOwned>(
         });
     }
     let (value, rest) =
-        postcard::take_from_bytes(meta).map_err(|source| StateFileError::Decode {
+        T::decode_version(header.version, meta).map_err(|source| StateFileError::Decode {
             path: path.to_path_buf(),
             source,
         })?;
@@ -337,6 +350,23 @@ fn check_meta<T: serde::de::DeserializeOwned>(
         });
     }
     Ok(value)
+}
+
+/// A whole state file without RAM, header and meta, as format `version` writes it (this build writes
+/// [`STATE_FORMAT_VERSION`]; tests build files of older versions with it).
+pub fn state_bytes_without_ram(version: u32, meta: &[u8]) -> Vec<u8> {
+    let header = StateHeader {
+        version,
+        has_ram: false,
+        meta_len: meta.len() as u64,
+        meta_crc: crc32c::crc32c(meta),
+        ram_len: 0,
+        ram_crc: 0,
+    };
+    let mut bytes = Vec::with_capacity(HEADER_LEN + meta.len());
+    bytes.extend_from_slice(&header.encode());
+    bytes.extend_from_slice(meta);
+    bytes
 }
 
 /// Writes a state file without RAM (cpr-exec, cpr-reboot) in one `write` call: header and meta are
@@ -352,17 +382,7 @@ pub fn write_state_without_ram(
         op,
         source,
     };
-    let header = StateHeader {
-        version: STATE_FORMAT_VERSION,
-        has_ram: false,
-        meta_len: meta.len() as u64,
-        meta_crc: crc32c::crc32c(meta),
-        ram_len: 0,
-        ram_crc: 0,
-    };
-    let mut bytes = Vec::with_capacity(HEADER_LEN + meta.len());
-    bytes.extend_from_slice(&header.encode());
-    bytes.extend_from_slice(meta);
+    let bytes = state_bytes_without_ram(STATE_FORMAT_VERSION, meta);
     // Overwrite in place: truncating an existing file first costs more (on ext4 here) than the write.
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -480,9 +500,7 @@ pub struct StateReader {
 
 impl StateReader {
     /// Opens `path`, checks header, length and meta checksum, and decodes the meta.
-    pub fn open<T: serde::de::DeserializeOwned>(
-        path: &Path,
-    ) -> Result<(StateReader, T), StateFileError> {
+    pub fn open<T: VersionedMeta>(path: &Path) -> Result<(StateReader, T), StateFileError> {
         let io_err = |op, source| StateFileError::Io {
             path: path.to_path_buf(),
             op,
@@ -569,6 +587,12 @@ mod tests {
     struct Meta {
         name: String,
         regs: Vec<u64>,
+    }
+
+    impl VersionedMeta for Meta {
+        fn decode_version(_: u32, bytes: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+            postcard::take_from_bytes(bytes)
+        }
     }
 
     fn sample() -> Meta {

@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = vmmd::cpr::state::parse_state_file(data);
+    let _ = vmmd::state::parse_state_file(data);
 });

@@ -17,9 +17,11 @@ use tracing::info;
 use vmmd_proto::v1 as pb;
 use vmmd_proto::v1::vmm_server::{Vmm, VmmServer};
 
-use crate::cpr::status::UpdateStatus;
+use crate::cpr::CprError;
+use crate::migration::MigrationError;
 use crate::vm::{
-    EventBus, MigrationReport, MigrationStatus, RunState, Vm, VmError, VmEvent, VERSION,
+    EventBus, MigrationReport, MigrationStatus, RunState, UpdateStatus, Vm, VmError, VmEvent,
+    VERSION,
 };
 
 /// Why the API could not be served.
@@ -78,45 +80,88 @@ impl VmHandle {
     }
 }
 
-/// Maps a VM error to the gRPC status an operator's tool can act on.
-pub fn status_for(e: &VmError) -> Status {
-    let msg = error_chain(e);
-    match e {
-        VmError::WrongState { .. } | VmError::Incompatible { .. } | VmError::Blocked { .. } => {
-            Status::failed_precondition(msg)
+/// An error that maps to the gRPC status an operator's tool can act on.
+pub trait ToStatus: std::error::Error {
+    /// The status code for this error (the message is the error chain).
+    fn code(&self) -> tonic::Code;
+}
+
+/// The gRPC status for `e`.
+pub fn status_for(e: &dyn ToStatus) -> Status {
+    Status::new(e.code(), error_chain(e))
+}
+
+impl ToStatus for VmError {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            VmError::WrongState { .. } => Code::FailedPrecondition,
+            // A loop could not move into the bridge: the update stopped before the exec.
+            VmError::Console(crate::devices::console::ConsoleError::Bridge(_))
+            | VmError::Vcpu(crate::vcpu::VcpuError::Detach { .. }) => Code::Aborted,
+            _ => Code::Internal,
         }
-        VmError::Uri(_) => Status::invalid_argument(msg),
-        // The bridge could not be set up: the update stopped before the exec, the guest runs on.
-        VmError::BridgeSetup(_)
-        | VmError::Console(crate::devices::console::ConsoleError::Bridge(_))
-        | VmError::Vcpu(crate::vcpu::VcpuError::Detach { .. }) => Status::aborted(msg),
-        VmError::Bridge(_) => Status::unavailable(msg),
-        VmError::UnsupportedMode(_) => Status::unimplemented(msg),
-        VmError::CprExec(e) => match e {
-            crate::cpr::exec::CprExecError::Exec { .. }
-            | crate::cpr::exec::CprExecError::Cloexec { .. }
-            | crate::cpr::exec::CprExecError::Handover(_)
-            | crate::cpr::exec::CprExecError::OpenSelf(_) => Status::aborted(msg),
-            _ => Status::failed_precondition(msg),
-        },
-        VmError::StateFile(f) => match f {
+    }
+}
+
+impl ToStatus for StateFileError {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
             StateFileError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                Status::not_found(msg)
+                Code::NotFound
             }
             StateFileError::Io { source, .. }
                 if source.kind() == std::io::ErrorKind::PermissionDenied =>
             {
-                Status::permission_denied(msg)
+                Code::PermissionDenied
             }
-            StateFileError::Io { .. } => Status::unavailable(msg),
-            StateFileError::NewerVersion { .. } | StateFileError::OlderVersion { .. } => {
-                Status::failed_precondition(msg)
+            StateFileError::Io { .. } => Code::Unavailable,
+            StateFileError::NewerVersion { .. }
+            | StateFileError::OlderVersion { .. }
+            | StateFileError::RamSizeMismatch { .. } => Code::FailedPrecondition,
+            StateFileError::Encode(_) => Code::Internal,
+            _ => Code::DataLoss,
+        }
+    }
+}
+
+impl ToStatus for CprError {
+    fn code(&self) -> tonic::Code {
+        use crate::cpr::exec::process::CprExecError;
+        use tonic::Code;
+        match self {
+            CprError::Vm(e) => e.code(),
+            CprError::StateFile(e) => e.code(),
+            CprError::Blocked(_) => Code::FailedPrecondition,
+            // The update stopped before the exec; the guest runs on.
+            CprError::BridgeSetup(_) | CprError::Handover(_) => Code::Aborted,
+            CprError::Bridge(_) => Code::Unavailable,
+            CprError::Exec(
+                CprExecError::Exec { .. }
+                | CprExecError::Cloexec { .. }
+                | CprExecError::Handover(_)
+                | CprExecError::OpenSelf(_),
+            ) => Code::Aborted,
+            CprError::Exec(_) => Code::FailedPrecondition,
+            CprError::VfioDma { .. } | CprError::NoRollbackTarget => Code::Internal,
+        }
+    }
+}
+
+impl ToStatus for MigrationError {
+    fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            MigrationError::Vm(e) => e.code(),
+            MigrationError::Cpr(e) => e.code(),
+            MigrationError::StateFile(e) => e.code(),
+            MigrationError::Incompatible { .. } | MigrationError::Blocked { .. } => {
+                Code::FailedPrecondition
             }
-            StateFileError::RamSizeMismatch { .. } => Status::failed_precondition(msg),
-            StateFileError::Encode(_) => Status::internal(msg),
-            _ => Status::data_loss(msg),
-        },
-        _ => Status::internal(msg),
+            MigrationError::Uri(_) => Code::InvalidArgument,
+            MigrationError::Injected(_) | MigrationError::VfioDma { .. } => Code::Internal,
+        }
     }
 }
 
@@ -226,10 +271,11 @@ pub struct VmmApi {
 }
 
 impl VmmApi {
-    async fn with_vm<T, F>(&self, f: F) -> Result<T, Status>
+    async fn with_vm<T, E, F>(&self, f: F) -> Result<T, Status>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Vm) -> Result<T, VmError> + Send + 'static,
+        E: ToStatus,
+        F: FnOnce(&mut Vm) -> Result<T, E> + Send + 'static,
     {
         let handle = self.handle.clone();
         tokio::task::spawn_blocking(move || f(&mut handle.vm()).map_err(|e| status_for(&e)))
@@ -255,7 +301,7 @@ impl Vmm for VmmApi {
         let uptime = self.handle.started.elapsed();
         let (state, cfg, pty, blockers, generation, status, reboot_blockers, workflow_step) = self
             .with_vm(|vm| {
-                Ok((
+                Ok::<_, VmError>((
                     vm.run_state(),
                     vm.config().clone(),
                     vm.serial_pty(),
@@ -339,7 +385,7 @@ impl Vmm for VmmApi {
     ) -> Result<Response<pb::QuitResponse>, Status> {
         self.with_vm(|vm| {
             vm.shut_down("api quit");
-            Ok(())
+            Ok::<_, VmError>(())
         })
         .await?;
         info!("quit requested over the API");
@@ -384,7 +430,7 @@ impl Vmm for VmmApi {
         _: Request<pb::GetMigrationParametersRequest>,
     ) -> Result<Response<pb::MigrationParameters>, Status> {
         let (mode, exec_args) = self
-            .with_vm(|vm| Ok((vm.mode(), vm.exec_args().to_vec())))
+            .with_vm(|vm| Ok::<_, VmError>((vm.mode(), vm.exec_args().to_vec())))
             .await?;
         Ok(Response::new(pb::MigrationParameters {
             mode: pb_mode(mode) as i32,
@@ -436,7 +482,7 @@ impl Vmm for VmmApi {
         let text = format!("{}: {}", req.orchestrator, req.step);
         self.with_vm(move |vm| {
             vm.set_workflow_step(text);
-            Ok(())
+            Ok::<_, VmError>(())
         })
         .await?;
         Ok(Response::new(req))

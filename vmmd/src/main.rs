@@ -8,11 +8,14 @@ use tracing::{error, info, warn};
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use vmmd::config::Cli;
-use vmmd::vm::{self, EventBus, Incoming, Vm, VmError};
+use vmmd::vm::{self, EventBus, Incoming, Vm, VmBuilder, VmError};
 
-use cpr_common::cpr::{fd_names, monotonic_ns, CprHandover};
-use vmmd::cpr::exec as cpr_exec;
+use vmmd::cpr::exec::process as cpr_exec;
+use vmmd::cpr::CprError;
 use vmmd::devices::console::{ConsoleHandover, SerialBackendSpec};
+use vmmd::migration::MigrationError;
+use vmmd::state::handover::{fd_names, CprHandover, HandoverError, HANDOVER_ENV};
+use vmmd::sys::fd::monotonic_ns;
 use vmmd::{api, vcpu};
 
 /// Why vmmd could not start or serve.
@@ -33,7 +36,13 @@ enum MainError {
     #[error("VM setup task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
     #[error(transparent)]
-    Handover(#[from] cpr_common::cpr::HandoverError),
+    Handover(#[from] HandoverError),
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error(transparent)]
+    Cpr(#[from] CprError),
+    #[error("the rollback target could not build the VM either")]
+    RollbackTargetFailed(#[source] VmError),
     #[error(transparent)]
     CprExec(#[from] cpr_exec::CprExecError),
     #[error("cannot adopt inherited fd {name}")]
@@ -49,11 +58,11 @@ enum MainError {
 }
 
 /// A vmmd started by cpr-exec that cannot build its VM goes back to the previous binary.
-fn roll_back_or_fail(i: &Inheritance, e: &VmError) -> MainError {
+fn roll_back_or_fail(i: &Inheritance, e: VmError) -> MainError {
     if i.handover.rollback_reason.is_some() {
-        return MainError::Vm(VmError::Injected("the rollback target failed too"));
+        return MainError::RollbackTargetFailed(e);
     }
-    cpr_exec::roll_back(&i.handover, &api::error_chain(e)).into()
+    cpr_exec::roll_back(&i.handover, &api::error_chain(&e)).into()
 }
 
 fn main() -> ExitCode {
@@ -136,7 +145,7 @@ impl Inheritance {
             return Ok(None);
         };
         // SAFETY: single-threaded at this point; nothing reads the environment concurrently.
-        unsafe { std::env::remove_var(cpr_common::cpr::HANDOVER_ENV) };
+        unsafe { std::env::remove_var(HANDOVER_ENV) };
         let mut fds = Vec::new();
         for (name, fd) in &handover.fds {
             // SAFETY: the previous process left exactly these fds open for us; nothing in this
@@ -168,11 +177,12 @@ impl Inheritance {
             .dup(fd_names::RAM)
             .ok_or(MainError::Missing(fd_names::RAM))?;
         let h = &self.handover;
+        // The console's undelivered bytes are in the state, loaded later.
         let console = ConsoleHandover::inherited(
             spec.clone(),
             |name| self.dup(name),
-            h.console_pending_out.clone(),
-            h.console_pending_in.clone(),
+            Vec::new(),
+            Vec::new(),
             h.console_pty_path.clone(),
         );
         let vfio_fds = self
@@ -233,10 +243,13 @@ fn prepare(cli: &Cli, started_ns: u64, early: Option<vm::EarlyVm>) -> Result<Pre
         None => None,
     };
     let incoming = config.incoming.clone();
-    let created = Vm::create(config, events.clone(), vcpu_tx, vm_part, early);
+    let created = VmBuilder::new(config, events.clone(), vcpu_tx)
+        .inherited(vm_part)
+        .early_vm(early)
+        .build();
     let mut vm = match (created, &inheritance) {
         (Ok(vm), _) => vm,
-        (Err(e), Some(i)) => return Err(roll_back_or_fail(i, &e)),
+        (Err(e), Some(i)) => return Err(roll_back_or_fail(i, e)),
         (Err(e), None) => return Err(e.into()),
     };
     vm.set_api_listener_fd(listener.as_raw_fd());
@@ -252,13 +265,16 @@ fn prepare(cli: &Cli, started_ns: u64, early: Option<vm::EarlyVm>) -> Result<Pre
     if let Some(i) = inheritance {
         vm.hold_for_rollback(i.fds);
     }
-    let result = match incoming {
-        None => vm.boot(),
+    let result: Result<(), MainError> = match incoming {
+        None => vm.boot().map_err(MainError::from),
         Some(Incoming::Defer) => {
             info!("waiting for migrate-incoming");
             Ok(())
         }
-        Some(Incoming::Uri(uri)) => vm.migrate_incoming(&uri.to_string()).map(|_| ()),
+        Some(Incoming::Uri(uri)) => vm
+            .migrate_incoming(&uri.to_string())
+            .map(|_| ())
+            .map_err(MainError::from),
     };
     match result {
         Ok(()) => {}
@@ -266,7 +282,7 @@ fn prepare(cli: &Cli, started_ns: u64, early: Option<vm::EarlyVm>) -> Result<Pre
             let reason = api::error_chain(&e);
             return Err(vm.roll_back(&reason).into());
         }
-        Err(e) => return Err(e.into()),
+        Err(e) => return Err(e),
     }
     tracing::debug!(
         at_us = (monotonic_ns() - started_ns) / 1000,
@@ -294,7 +310,7 @@ async fn serve(prepared: Prepared) -> Result<u8, MainError> {
     let listener = api::to_tokio(listener)?;
     {
         let v = &vm;
-        let status = if v.update_status() == &vmmd::cpr::status::UpdateStatus::None {
+        let status = if v.update_status() == &vm::UpdateStatus::None {
             v.run_state().to_string()
         } else {
             format!("{}; {}", v.run_state(), v.update_status())

@@ -36,7 +36,7 @@ pub fn ready(status: &str) {
 pub fn reloading(status: &str) {
     notify(&format!(
         "RELOADING=1\nMONOTONIC_USEC={}\nSTATUS={status}",
-        cpr_common::cpr::monotonic_ns() / 1000
+        crate::sys::fd::monotonic_ns() / 1000
     ));
 }
 

@@ -645,7 +645,7 @@ impl VcpuControl {
     fn note_first_run(&self) {
         let _ = self.first_run_ns.compare_exchange(
             0,
-            cpr_common::cpr::monotonic_ns(),
+            crate::sys::fd::monotonic_ns(),
             Ordering::AcqRel,
             Ordering::Acquire,
         );
@@ -678,30 +678,6 @@ pub enum VcpuEvent {
         /// What happened.
         reason: String,
     },
-}
-
-impl From<VcpuEvent> for cpr_common::cpr::BridgedEvent {
-    fn from(e: VcpuEvent) -> Self {
-        use cpr_common::cpr::BridgedEvent as B;
-        match e {
-            VcpuEvent::Guest(GuestRequest::PowerOff) => B::PowerOff,
-            VcpuEvent::Guest(GuestRequest::Suspend) => B::Suspend,
-            VcpuEvent::Guest(GuestRequest::Reset(why)) => B::Reset(why),
-            VcpuEvent::Failed { id, reason } => B::Failed { vcpu: id, reason },
-        }
-    }
-}
-
-impl From<cpr_common::cpr::BridgedEvent> for VcpuEvent {
-    fn from(e: cpr_common::cpr::BridgedEvent) -> Self {
-        use cpr_common::cpr::BridgedEvent as B;
-        match e {
-            B::PowerOff => VcpuEvent::Guest(GuestRequest::PowerOff),
-            B::Suspend => VcpuEvent::Guest(GuestRequest::Suspend),
-            B::Reset(why) => VcpuEvent::Guest(GuestRequest::Reset(why)),
-            B::Failed { vcpu, reason } => VcpuEvent::Failed { id: vcpu, reason },
-        }
-    }
 }
 
 /// A running set of vCPU threads.

@@ -25,9 +25,8 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use cpr_common::cpr::{
-    frame, frame_body_len, unframe, BridgeReply, HandoverError, BRIDGE_REPLY_MAGIC,
-    BRIDGE_REPLY_VERSION, FRAME_HEADER,
+use crate::state::handover::{
+    frame_version, BridgeReply, HandoverError, BRIDGE_REPLY_MAGIC, FRAME_HEADER,
 };
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -68,14 +67,14 @@ pub fn take_over(ctl: &UnixStream, timeout: Duration) -> Result<BridgeReply, Bri
     let mut header = [0u8; FRAME_HEADER];
     ctl.read_exact(&mut header)
         .map_err(io("read the answer's header"))?;
-    let len = frame_body_len(BRIDGE_REPLY_MAGIC, BRIDGE_REPLY_VERSION, &header)
-        .map_err(BridgeError::Reply)?;
+    // Any version's header: the body length is at the same place in all of them.
+    frame_version(BRIDGE_REPLY_MAGIC, &header).map_err(BridgeError::Reply)?;
+    let len = u32::from_le_bytes([header[16], header[17], header[18], header[19]]) as usize;
     let mut bytes = header.to_vec();
     bytes.resize(FRAME_HEADER + len, 0);
     ctl.read_exact(&mut bytes[FRAME_HEADER..])
         .map_err(io("read the answer"))?;
-    let reply: BridgeReply =
-        unframe(BRIDGE_REPLY_MAGIC, BRIDGE_REPLY_VERSION, &bytes).map_err(BridgeError::Reply)?;
+    let reply = BridgeReply::decode(&bytes).map_err(BridgeError::Reply)?;
     match &reply.saved {
         Ok(()) => Ok(reply),
         Err(why) => Err(BridgeError::NotSaved(why.clone())),
@@ -122,18 +121,14 @@ pub fn serve(
                 if answer.is_none() {
                     let reply = take_over();
                     let saved = reply.saved.is_ok();
-                    let encoded = frame(BRIDGE_REPLY_MAGIC, BRIDGE_REPLY_VERSION, &reply)
-                        .unwrap_or_else(|e| {
-                            frame(
-                                BRIDGE_REPLY_MAGIC,
-                                BRIDGE_REPLY_VERSION,
-                                &BridgeReply {
-                                    saved: Err(format!("cannot encode the answer: {e}")),
-                                    ..reply
-                                },
-                            )
-                            .unwrap_or_default()
-                        });
+                    let encoded = reply.encode().unwrap_or_else(|e| {
+                        BridgeReply {
+                            saved: Err(format!("cannot encode the answer: {e}")),
+                            ..reply
+                        }
+                        .encode()
+                        .unwrap_or_default()
+                    });
                     // A failed save is tried again on the next request.
                     if saved {
                         answer = Some(encoded.clone());
@@ -200,9 +195,8 @@ mod tests {
             saved: Ok(()),
             paused_at_ns: 5,
             phases: vec![("save-state".into(), 120)],
-            console_pending_out: b"tick".to_vec(),
-            console_pending_in: Vec::new(),
             guest_events: Vec::new(),
+            legacy: None,
         }
     }
 

@@ -800,6 +800,17 @@ impl Console {
     }
 }
 
+/// The console backend's undelivered bytes: the guest output no client has received yet, and the
+/// input read from the client that the UART has not taken. Saved with the VM state, so that a
+/// successor (or a rollback) delivers each byte once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    /// Guest output not yet delivered.
+    pub output: Vec<u8>,
+    /// Input not yet taken by the UART.
+    pub input: Vec<u8>,
+}
+
 /// What the console thread gives back when it stops.
 struct Stopped {
     fds: ConsoleFds,

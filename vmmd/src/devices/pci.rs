@@ -34,6 +34,16 @@ impl PciBus {
         &self.devices
     }
 
+    /// Takes the devices off the bus (to rebuild them from a saved state); see [`Self::put_devices`].
+    pub fn take_devices(&mut self) -> Vec<PassthroughDevice> {
+        std::mem::take(&mut self.devices)
+    }
+
+    /// Puts devices (back) on the bus, in slot order.
+    pub fn put_devices(&mut self, devices: Vec<PassthroughDevice>) {
+        self.devices = devices;
+    }
+
     /// The devices, mutably (to wire them to a VM).
     pub fn devices_mut(&mut self) -> &mut [PassthroughDevice] {
         &mut self.devices

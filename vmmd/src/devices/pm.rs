@@ -6,6 +6,7 @@
 //! the instruction that entered S3, with WAK_STS set in PM1_STS.
 
 use super::GuestRequest;
+use crate::persist::Persist;
 
 /// First port of the device (PM1a_EVT_BLK).
 pub const PM_BASE: u16 = 0x600;
@@ -33,6 +34,20 @@ pub struct PmState {
     pub control: u16,
 }
 
+impl Persist for PmDevice {
+    type State = PmState;
+    type ConstructorArgs = ();
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<PmState, Self::Error> {
+        Ok(self.state)
+    }
+
+    fn restore((): (), state: &PmState) -> Result<PmDevice, Self::Error> {
+        Ok(PmDevice { state: *state })
+    }
+}
+
 /// The PM1a register block.
 #[derive(Debug, Default)]
 pub struct PmDevice {
@@ -48,16 +63,6 @@ impl PmDevice {
                 ..PmState::default()
             },
         }
-    }
-
-    /// Rebuilds the device from saved registers.
-    pub fn from_state(state: PmState) -> PmDevice {
-        PmDevice { state }
-    }
-
-    /// The registers to save.
-    pub fn state(&self) -> PmState {
-        self.state
     }
 
     /// Records that the system woke from S3.
@@ -146,6 +151,8 @@ mod tests {
         pm.write(0, &WAK_STS.to_le_bytes());
         pm.read(0, &mut r);
         assert_eq!(u16::from_le_bytes(r), 0);
-        assert_eq!(PmDevice::from_state(pm.state()).state(), pm.state());
+        let saved = pm.save().expect("save");
+        let restored = PmDevice::restore((), &saved).expect("restore");
+        assert_eq!(restored.save().expect("save"), saved);
     }
 }

@@ -6,6 +6,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::console::ConsoleWriter;
+use crate::persist::Persist;
 
 /// First port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -94,6 +95,30 @@ impl From<&UartState> for SerialState {
     }
 }
 
+/// What a UART is rebuilt with besides its registers.
+pub struct SerialArgs {
+    /// The interrupt eventfd (a KVM irqfd on [`COM1_GSI`]).
+    pub irq: EventFd,
+    /// Where the guest's output goes.
+    pub out: ConsoleWriter,
+}
+
+impl Persist for SerialDevice {
+    type State = UartState;
+    type ConstructorArgs = SerialArgs;
+    type Error = SerialError;
+
+    fn save(&self) -> Result<UartState, SerialError> {
+        Ok(self.uart.state().into())
+    }
+
+    fn restore(args: SerialArgs, state: &UartState) -> Result<SerialDevice, SerialError> {
+        let uart = Serial::from_state(&state.into(), IrqTrigger(args.irq), NoEvents, args.out)
+            .map_err(SerialError::BadState)?;
+        Ok(SerialDevice { uart })
+    }
+}
+
 /// COM1 as the vCPUs see it.
 pub struct SerialDevice {
     uart: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
@@ -112,23 +137,18 @@ impl SerialDevice {
         std::os::fd::AsRawFd::as_raw_fd(&self.uart.interrupt_evt().0)
     }
 
-    /// Replaces the registers and FIFO with saved ones, keeping the interrupt and output.
-    pub fn restore(&mut self, state: &UartState) -> Result<(), SerialError> {
+    /// This device's interrupt and output, to rebuild it from a saved state.
+    pub fn constructor_args(&self) -> Result<SerialArgs, SerialError> {
         let irq = self
             .uart
             .interrupt_evt()
             .0
             .try_clone()
             .map_err(SerialError::Eventfd)?;
-        let out = self.uart.writer().clone();
-        self.uart = Serial::from_state(&state.into(), IrqTrigger(irq), NoEvents, out)
-            .map_err(SerialError::BadState)?;
-        Ok(())
-    }
-
-    /// The registers and FIFO to save.
-    pub fn state(&self) -> UartState {
-        self.uart.state().into()
+        Ok(SerialArgs {
+            irq,
+            out: self.uart.writer().clone(),
+        })
     }
 
     /// Register write from the guest.

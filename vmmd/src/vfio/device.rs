@@ -24,6 +24,8 @@ use vfio_bindings::bindings::vfio::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::Persist;
+
 use super::ioctls::{
     ioctl_ptr, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
@@ -104,6 +106,35 @@ pub struct Bar {
 struct Intx {
     trigger: EventFd,
     resample: EventFd,
+}
+
+/// A passthrough device's guest-visible state that vmmd owns: its MSI shadow. Everything else
+/// (config space, BARs' contents, DMA) lives in the device and survives with its fds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PassthroughState {
+    /// The guest's MSI programming, when the device shows an MSI capability.
+    pub msi: Option<MsiCap>,
+}
+
+impl Persist for PassthroughDevice {
+    type State = PassthroughState;
+    /// The device as opened from its (inherited) fds, not wired to the VM yet.
+    type ConstructorArgs = PassthroughDevice;
+    type Error = std::convert::Infallible;
+
+    fn save(&self) -> Result<PassthroughState, Self::Error> {
+        Ok(PassthroughState { msi: self.msi_cap })
+    }
+
+    fn restore(
+        mut dev: PassthroughDevice,
+        state: &PassthroughState,
+    ) -> Result<PassthroughDevice, Self::Error> {
+        if let Some(msi) = state.msi {
+            dev.restore_msi(msi);
+        }
+        Ok(dev)
+    }
 }
 
 /// One passthrough PCI device.
@@ -359,13 +390,8 @@ impl PassthroughDevice {
         }
     }
 
-    /// The guest's MSI programming, for a cpr-exec successor.
-    pub fn msi_state(&self) -> Option<MsiCap> {
-        self.msi_cap
-    }
-
     /// Takes over the guest's MSI programming from the previous process (before [`Self::wire`]).
-    pub fn restore_msi(&mut self, saved: MsiCap) {
+    fn restore_msi(&mut self, saved: MsiCap) {
         match &mut self.msi_cap {
             Some(cap) if cap.offset == saved.offset && cap.len() == saved.len() => *cap = saved,
             _ => {
@@ -820,7 +846,8 @@ mod tests {
         dev.config_write(0x48, &0u32.to_le_bytes());
         dev.config_write(0x4c, &0x22u32.to_le_bytes());
         dev.config_write(0x40, &0x0001_0000u32.to_le_bytes());
-        let cap = dev.msi_state().expect("MSI capability");
+        let saved = dev.save().expect("save");
+        let cap = saved.msi.expect("MSI capability");
         assert!(cap.enabled());
         assert_eq!((cap.message.address, cap.message.data), (0xfee0_0000, 0x22));
         assert_eq!(read32(&dev, 0x40), 0x0081_0005);
@@ -829,6 +856,11 @@ mod tests {
             0,
             "the device's MSI address is not written"
         );
+        // A device opened afresh from the same fds gets the guest's programming back.
+        let fresh = fake_device();
+        let restored = PassthroughDevice::restore(fresh, &saved).expect("restore");
+        assert_eq!(restored.save().expect("save"), saved);
+        assert_eq!(read32(&restored, 0x40), 0x0081_0005);
     }
 
     #[test]

@@ -108,7 +108,7 @@ impl MsiRouter {
 }
 
 /// The MSI capability as the guest sees it: the device's layout, vmmd's register values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MsiCap {
     /// Config-space offset of the capability.
     pub offset: u16,
@@ -135,33 +135,6 @@ impl MsiCap {
             control: control & (1 << 7 | 1 << 8),
             message: MsiMessage::default(),
             mask: 0,
-        }
-    }
-
-    /// The shadow as the CPR hand-over carries it, for device `device`.
-    pub fn to_handover(&self, device: u32) -> cpr_common::cpr::VfioMsiState {
-        cpr_common::cpr::VfioMsiState {
-            device,
-            offset: self.offset,
-            control: self.control,
-            address: self.message.address,
-            data: self.message.data,
-            mask: self.mask,
-        }
-    }
-
-    /// The shadow from the CPR hand-over.
-    pub fn from_handover(s: &cpr_common::cpr::VfioMsiState) -> MsiCap {
-        MsiCap {
-            offset: s.offset,
-            is64: s.control & (1 << 7) != 0,
-            maskable: s.control & (1 << 8) != 0,
-            control: s.control,
-            message: MsiMessage {
-                address: s.address,
-                data: s.data,
-            },
-            mask: s.mask,
         }
     }
 

@@ -1,6 +1,7 @@
-//! cpr-exec: replace the vmmd binary under a running guest (same PID), keeping guest RAM and device fds.
+//! The process mechanisms of cpr-exec: checking the new binary, fds that survive `execve`, the exec
+//! itself, the rollback exec, and the children that keep or tear down the old address space. The
+//! update's steps that use them are in [`super::classic`] and [`super::bridged`].
 //!
-//! Each step sits next to its compensation:
 //! - [`preflight`]: the new binary exists, is an executable ELF, and its arguments make it incoming.
 //!   Nothing is changed yet.
 //! - [`PreservedFds::clear_cloexec`] / [`PreservedFds::restore_cloexec`]: the fds that must survive.
@@ -17,10 +18,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use cpr_common::cpr::{fd_names, set_cloexec, CprHandover, HandoverError, HANDOVER_ENV};
-
-use super::continuation::clone_vm;
-pub use super::continuation::reap;
+use crate::cpr::continuation::clone_vm;
+pub use crate::cpr::continuation::reap;
+use crate::state::handover::{fd_names, CprHandover, HandoverError, HANDOVER_ENV};
+use crate::sys::fd::set_cloexec;
 
 /// Why a cpr-exec step failed. Before `execve` succeeds, the guest keeps running on this binary.
 #[derive(Debug, thiserror::Error)]

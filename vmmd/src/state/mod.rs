@@ -1,19 +1,23 @@
-//! The VM state saved in a state file's meta section, and the VM-level (not per-vCPU) KVM state.
+//! The VM state a state file's meta section holds, composed of every part's [`Persist`] state:
+//! `{vm, vcpus, devices}`, and the hand-over formats (`handover`).
 //!
 //! Versioning: the container (magic, format version, checksums) is `cpr_common::state`. Any change to
-//! these structures bumps `STATE_FORMAT_VERSION`; an older vmmd then refuses the file before touching
-//! the guest, and a newer vmmd keeps a reader for each version it still accepts.
+//! these structures is a new `STATE_FORMAT_VERSION`, with the previous layout kept in [`versions`]
+//! and migrated on read. An older vmmd refuses a newer file before touching the guest.
+//!
+//! [`Persist`]: crate::persist::Persist
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-};
-use kvm_ioctls::VmFd;
+pub mod handover;
+pub mod kvm;
+pub mod versions;
 
+use crate::devices::console::ConsoleState;
 use crate::devices::pm::PmState;
 use crate::devices::serial::UartState;
 use crate::memory::RamRegion;
 use crate::vcpu::VcpuState;
+use crate::vfio::device::PassthroughState;
+pub use kvm::{KvmVm, KvmVmError, KvmVmState};
 
 /// The runstate the guest had when it was saved, and gets back when loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -26,22 +30,7 @@ pub enum SavedRunState {
     Suspended,
 }
 
-/// Interrupt controllers, PIT and kvmclock.
-#[derive(serde::Serialize, serde::Deserialize)]
-pub struct KvmVmState {
-    /// Master 8259.
-    pub pic_master: kvm_irqchip,
-    /// Slave 8259.
-    pub pic_slave: kvm_irqchip,
-    /// IOAPIC.
-    pub ioapic: kvm_irqchip,
-    /// 8254 PIT.
-    pub pit: kvm_pit_state2,
-    /// kvmclock.
-    pub clock: kvm_clock_data,
-}
-
-/// Everything but guest RAM.
+/// Everything but guest RAM (format version 2).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct VmState {
     /// vmmd version that wrote the file (informational).
@@ -50,65 +39,30 @@ pub struct VmState {
     pub memory: Vec<RamRegion>,
     /// Runstate to go back to.
     pub run_state: SavedRunState,
-    /// Per-vCPU state, indexed by vCPU id.
-    pub vcpus: Vec<VcpuState>,
     /// VM-wide KVM state.
     pub vm: KvmVmState,
+    /// Per-vCPU state, indexed by vCPU id.
+    pub vcpus: Vec<VcpuState>,
+    /// Every device's state.
+    pub devices: DevicesState,
+}
+
+/// The devices' saved states.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
     /// COM1.
     pub serial: UartState,
-    /// PM device.
+    /// The PM device.
     pub pm: PmState,
+    /// The passthrough devices, in slot order.
+    pub vfio: Vec<PassthroughState>,
+    /// The console backend's undelivered bytes.
+    pub console: ConsoleState,
 }
 
-/// A VM-level KVM ioctl failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{op} failed on the VM")]
-pub struct KvmVmError {
-    /// The ioctl.
-    pub op: &'static str,
-    /// The kernel's error.
-    #[source]
-    pub source: kvm_ioctls::Error,
-}
-
-fn err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmVmError {
-    move |source| KvmVmError { op, source }
-}
-
-fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, KvmVmError> {
-    let mut chip = kvm_irqchip {
-        chip_id,
-        ..Default::default()
-    };
-    vm.get_irqchip(&mut chip).map_err(err("KVM_GET_IRQCHIP"))?;
-    Ok(chip)
-}
-
-impl KvmVmState {
-    /// Reads the VM-wide state of a paused VM.
-    pub fn capture(vm: &VmFd) -> Result<KvmVmState, KvmVmError> {
-        Ok(KvmVmState {
-            pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
-            pit: vm.get_pit2().map_err(err("KVM_GET_PIT2"))?,
-            clock: vm.get_clock().map_err(err("KVM_GET_CLOCK"))?,
-        })
-    }
-
-    /// Loads it into a VM whose vCPUs have not run yet.
-    pub fn restore(&self, vm: &VmFd) -> Result<(), KvmVmError> {
-        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
-            vm.set_irqchip(chip).map_err(err("KVM_SET_IRQCHIP"))?;
-        }
-        vm.set_pit2(&self.pit).map_err(err("KVM_SET_PIT2"))?;
-        // Only the clock value carries over: TSC_STABLE and friends are outputs of KVM_GET_CLOCK.
-        let clock = kvm_clock_data {
-            clock: self.clock.clock,
-            ..Default::default()
-        };
-        vm.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))?;
-        Ok(())
+impl cpr_common::state::VersionedMeta for VmState {
+    fn decode_version(version: u32, bytes: &[u8]) -> Result<(Self, &[u8]), postcard::Error> {
+        versions::decode(version, bytes)
     }
 }
 
@@ -121,11 +75,11 @@ pub fn parse_state_file(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use cpr_common::state::{encode_meta, StateWriter, HEADER_LEN};
 
-    fn sample_state() -> VmState {
+    pub(crate) fn sample_state() -> VmState {
         let vcpu = VcpuState {
             id: 0,
             cpuid: vec![Default::default(); 3],
@@ -152,11 +106,18 @@ mod tests {
                 pit: Default::default(),
                 clock: Default::default(),
             },
-            serial: UartState {
-                in_buffer: b"v".to_vec(),
-                ..Default::default()
+            devices: DevicesState {
+                serial: UartState {
+                    in_buffer: b"v".to_vec(),
+                    ..Default::default()
+                },
+                pm: PmState::default(),
+                vfio: Vec::new(),
+                console: ConsoleState {
+                    output: b"READY".to_vec(),
+                    input: Vec::new(),
+                },
             },
-            pm: PmState::default(),
         }
     }
 
@@ -180,7 +141,7 @@ mod tests {
         assert_eq!(header.ram_len, 4096);
         assert_eq!(state.vcpus.len(), 1);
         assert_eq!(state.vcpus[0].tsc_khz, Some(2_000_000));
-        assert_eq!(state.serial.in_buffer, b"v");
+        assert_eq!(state.devices.serial.in_buffer, b"v");
         assert_eq!(state.run_state, SavedRunState::Running);
     }
 

@@ -1,4 +1,10 @@
-//! The CPR hand-over: what an exec'ing vmmd passes to the next one (or back to itself on rollback).
+//! The CPR hand-over: what an exec'ing vmmd passes to the next one (or back to itself on rollback),
+//! and the bridge's answer to a take-over. Only fds and process facts: everything the guest can
+//! observe is in the state file ([`crate::state::VmState`]).
+//!
+//! Versions: 3 is written. 2 (the previous release) is read too: its console bytes and MSI
+//! programming, which 3 carries in the state file, come back as [`LegacyDeviceState`] for the
+//! version-1 state file that came with it (`crate::state::versions`).
 //!
 //! The old process writes a [`CprHandover`] into a memfd that survives `execve`, clears close-on-exec
 //! on every fd it lists, and names the memfd in the [`HANDOVER_ENV`] environment variable. The new
@@ -6,13 +12,21 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+#[cfg(test)]
+use std::os::fd::AsRawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+
+use crate::devices::GuestRequest;
+use crate::sys::fd::fd_is_open;
+use crate::vcpu::VcpuEvent;
 
 /// Environment variable holding the hand-over memfd's number.
 pub const HANDOVER_ENV: &str = "VMMD_CPR_HANDOVER";
 /// Version of the hand-over layout.
-pub const HANDOVER_VERSION: u32 = 2;
+pub const HANDOVER_VERSION: u32 = 3;
+/// The oldest hand-over layout this build reads.
+pub const HANDOVER_MIN_VERSION: u32 = 2;
 const HANDOVER_MAGIC: [u8; 8] = *b"VMMDCPRH";
 
 /// Names of the fds in the table.
@@ -57,10 +71,6 @@ pub struct CprHandover {
     pub phases: Vec<(String, u64)>,
     /// The command line to re-exec the previous binary with when the new one cannot go on.
     pub rollback_argv: Vec<String>,
-    /// Guest console output the old process had not delivered yet.
-    pub console_pending_out: Vec<u8>,
-    /// Console input the old process had read but the UART had not taken yet.
-    pub console_pending_in: Vec<u8>,
     /// The pty slave path, when the console is a pty.
     pub console_pty_path: Option<PathBuf>,
     /// Version of the process that wrote this.
@@ -73,8 +83,64 @@ pub struct CprHandover {
     pub address_space_keeper: Option<i32>,
     /// The VFIO model's container ids, in container order (test hook; empty on a real kernel).
     pub vfio_model_containers: Vec<u32>,
-    /// The guest's MSI programming of each passthrough device that has an MSI capability.
+    /// What a version-2 hand-over carried of the devices (read only, never written).
+    #[serde(skip)]
+    pub legacy: Option<LegacyDeviceState>,
+}
+
+/// What a version-2 hand-over carried that version 3 keeps in the state file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LegacyDeviceState {
+    /// Guest console output the old process had not delivered yet.
+    pub console_pending_out: Vec<u8>,
+    /// Console input the old process had read but the UART had not taken yet.
+    pub console_pending_in: Vec<u8>,
+    /// The guest's MSI programming of each passthrough device.
     pub vfio_msi: Vec<VfioMsiState>,
+}
+
+/// The version-2 layout, as the previous release wrote it.
+#[derive(serde::Deserialize)]
+struct CprHandoverV2 {
+    fds: Vec<(String, i32)>,
+    state_path: PathBuf,
+    paused_at_ns: u64,
+    exec_at_ns: u64,
+    phases: Vec<(String, u64)>,
+    rollback_argv: Vec<String>,
+    console_pending_out: Vec<u8>,
+    console_pending_in: Vec<u8>,
+    console_pty_path: Option<PathBuf>,
+    from_version: String,
+    generation: u64,
+    rollback_reason: Option<String>,
+    address_space_keeper: Option<i32>,
+    vfio_model_containers: Vec<u32>,
+    vfio_msi: Vec<VfioMsiState>,
+}
+
+impl From<CprHandoverV2> for CprHandover {
+    fn from(v: CprHandoverV2) -> CprHandover {
+        CprHandover {
+            fds: v.fds,
+            state_path: v.state_path,
+            paused_at_ns: v.paused_at_ns,
+            exec_at_ns: v.exec_at_ns,
+            phases: v.phases,
+            rollback_argv: v.rollback_argv,
+            console_pty_path: v.console_pty_path,
+            from_version: v.from_version,
+            generation: v.generation,
+            rollback_reason: v.rollback_reason,
+            address_space_keeper: v.address_space_keeper,
+            vfio_model_containers: v.vfio_model_containers,
+            legacy: Some(LegacyDeviceState {
+                console_pending_out: v.console_pending_out,
+                console_pending_in: v.console_pending_in,
+                vfio_msi: v.vfio_msi,
+            }),
+        }
+    }
 }
 
 /// A passthrough device's MSI capability as the guest programmed it (vmmd's shadow of it).
@@ -128,9 +194,15 @@ impl CprHandover {
         frame(HANDOVER_MAGIC, HANDOVER_VERSION, self)
     }
 
-    /// Decodes and checks.
+    /// Decodes and checks; a version-2 hand-over is migrated (its device parts in `legacy`).
     pub fn decode(bytes: &[u8]) -> Result<CprHandover, HandoverError> {
-        unframe(HANDOVER_MAGIC, HANDOVER_VERSION, bytes)
+        match frame_version(HANDOVER_MAGIC, bytes)? {
+            HANDOVER_VERSION => unframe(HANDOVER_MAGIC, HANDOVER_VERSION, bytes),
+            2 => unframe::<CprHandoverV2>(HANDOVER_MAGIC, 2, bytes).map(CprHandover::from),
+            found => Err(HandoverError::Invalid(format!(
+                "version {found}, this vmmd reads {HANDOVER_MIN_VERSION}..={HANDOVER_VERSION}"
+            ))),
+        }
     }
 
     /// Writes the hand-over into a new memfd (close-on-exec: the exec path clears the flag itself, so a
@@ -191,6 +263,16 @@ pub fn frame<T: serde::Serialize>(
     Ok(out)
 }
 
+/// The version a [`frame`] header announces, after checking its magic.
+pub fn frame_version(magic: [u8; 8], header: &[u8]) -> Result<u32, HandoverError> {
+    if header.len() < FRAME_HEADER || header[..8] != magic {
+        return Err(HandoverError::Invalid("bad magic".into()));
+    }
+    Ok(u32::from_le_bytes([
+        header[8], header[9], header[10], header[11],
+    ]))
+}
+
 /// The body length a [`frame`] header announces, after checking magic and version.
 pub fn frame_body_len(magic: [u8; 8], version: u32, header: &[u8]) -> Result<usize, HandoverError> {
     let bad = |s: &str| HandoverError::Invalid(s.to_string());
@@ -227,8 +309,8 @@ pub fn unframe<T: serde::de::DeserializeOwned>(
 
 /// Magic of a [`BridgeReply`] frame.
 pub const BRIDGE_REPLY_MAGIC: [u8; 8] = *b"VMMDBRGR";
-/// Version of the [`BridgeReply`] layout.
-pub const BRIDGE_REPLY_VERSION: u32 = 1;
+/// Version of the [`BridgeReply`] layout (1, the previous release's, is read too).
+pub const BRIDGE_REPLY_VERSION: u32 = 2;
 
 /// What the cpr-exec bridge answers when the new process asks for the guest.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -240,13 +322,51 @@ pub struct BridgeReply {
     pub paused_at_ns: u64,
     /// Phases the bridge timed (name, microseconds).
     pub phases: Vec<(String, u64)>,
-    /// Guest console output the bridge had not delivered.
-    pub console_pending_out: Vec<u8>,
-    /// Console input the bridge had read but the UART had not taken.
-    pub console_pending_in: Vec<u8>,
     /// Guest requests (power off, suspend, reset) and vCPU failures seen while bridged, for the
     /// new process to act on.
     pub guest_events: Vec<BridgedEvent>,
+    /// What a version-1 reply carried of the console (read only, never written).
+    #[serde(skip)]
+    pub legacy: Option<LegacyDeviceState>,
+}
+
+/// The version-1 reply, as the previous release's bridge writes it.
+#[derive(serde::Deserialize)]
+struct BridgeReplyV1 {
+    saved: Result<(), String>,
+    paused_at_ns: u64,
+    phases: Vec<(String, u64)>,
+    console_pending_out: Vec<u8>,
+    console_pending_in: Vec<u8>,
+    guest_events: Vec<BridgedEvent>,
+}
+
+impl BridgeReply {
+    /// Decodes a framed reply of any version this build reads.
+    pub fn decode(bytes: &[u8]) -> Result<BridgeReply, HandoverError> {
+        match frame_version(BRIDGE_REPLY_MAGIC, bytes)? {
+            BRIDGE_REPLY_VERSION => unframe(BRIDGE_REPLY_MAGIC, BRIDGE_REPLY_VERSION, bytes),
+            1 => unframe::<BridgeReplyV1>(BRIDGE_REPLY_MAGIC, 1, bytes).map(|v| BridgeReply {
+                saved: v.saved,
+                paused_at_ns: v.paused_at_ns,
+                phases: v.phases,
+                guest_events: v.guest_events,
+                legacy: Some(LegacyDeviceState {
+                    console_pending_out: v.console_pending_out,
+                    console_pending_in: v.console_pending_in,
+                    vfio_msi: Vec::new(),
+                }),
+            }),
+            found => Err(HandoverError::Invalid(format!(
+                "bridge reply version {found}, this vmmd reads 1..={BRIDGE_REPLY_VERSION}"
+            ))),
+        }
+    }
+
+    /// Encodes it framed.
+    pub fn encode(&self) -> Result<Vec<u8>, HandoverError> {
+        frame(BRIDGE_REPLY_MAGIC, BRIDGE_REPLY_VERSION, self)
+    }
 }
 
 /// A vCPU event that happened while the bridge ran the guest.
@@ -267,42 +387,28 @@ pub enum BridgedEvent {
     },
 }
 
-/// Whether `fd` is an open descriptor of this process.
-pub fn fd_is_open(fd: RawFd) -> bool {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
-}
-
-/// Sets or clears close-on-exec on `fd`.
-pub fn set_cloexec(fd: &impl AsRawFd, on: bool) -> std::io::Result<()> {
-    let fd = fd.as_raw_fd();
-    // SAFETY: F_GETFD/F_SETFD on a descriptor the caller holds; no memory is passed.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFD);
-        if flags < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let new = if on {
-            flags | libc::FD_CLOEXEC
-        } else {
-            flags & !libc::FD_CLOEXEC
-        };
-        if libc::fcntl(fd, libc::F_SETFD, new) < 0 {
-            return Err(std::io::Error::last_os_error());
+impl From<VcpuEvent> for BridgedEvent {
+    fn from(e: VcpuEvent) -> Self {
+        use BridgedEvent as B;
+        match e {
+            VcpuEvent::Guest(GuestRequest::PowerOff) => B::PowerOff,
+            VcpuEvent::Guest(GuestRequest::Suspend) => B::Suspend,
+            VcpuEvent::Guest(GuestRequest::Reset(why)) => B::Reset(why),
+            VcpuEvent::Failed { id, reason } => B::Failed { vcpu: id, reason },
         }
     }
-    Ok(())
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (comparable across `execve` and processes).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+impl From<BridgedEvent> for VcpuEvent {
+    fn from(e: BridgedEvent) -> Self {
+        use BridgedEvent as B;
+        match e {
+            B::PowerOff => VcpuEvent::Guest(GuestRequest::PowerOff),
+            B::Suspend => VcpuEvent::Guest(GuestRequest::Suspend),
+            B::Reset(why) => VcpuEvent::Guest(GuestRequest::Reset(why)),
+            B::Failed { vcpu, reason } => VcpuEvent::Failed { id: vcpu, reason },
+        }
+    }
 }
 
 #[cfg(test)]
@@ -324,22 +430,13 @@ mod tests {
                 "--incoming".into(),
                 "file:/tmp/x.state".into(),
             ],
-            console_pending_out: b"...".to_vec(),
-            console_pending_in: b"v".to_vec(),
             console_pty_path: None,
             from_version: "0.1.0".into(),
             generation: 3,
             rollback_reason: None,
             address_space_keeper: None,
             vfio_model_containers: vec![3, 4],
-            vfio_msi: vec![VfioMsiState {
-                device: 0,
-                offset: 0x40,
-                control: 0x81,
-                address: 0xfee0_0000,
-                data: 0x22,
-                mask: 0,
-            }],
+            legacy: None,
         }
     }
 
@@ -357,16 +454,119 @@ mod tests {
         assert!(CprHandover::decode(&bytes[..bytes.len() - 1]).is_err());
     }
 
+    /// The previous release's layout, written field by field as it serialized it.
+    #[derive(serde::Serialize)]
+    struct WrittenV2 {
+        fds: Vec<(String, i32)>,
+        state_path: PathBuf,
+        paused_at_ns: u64,
+        exec_at_ns: u64,
+        phases: Vec<(String, u64)>,
+        rollback_argv: Vec<String>,
+        console_pending_out: Vec<u8>,
+        console_pending_in: Vec<u8>,
+        console_pty_path: Option<PathBuf>,
+        from_version: String,
+        generation: u64,
+        rollback_reason: Option<String>,
+        address_space_keeper: Option<i32>,
+        vfio_model_containers: Vec<u32>,
+        vfio_msi: Vec<VfioMsiState>,
+    }
+
     #[test]
-    fn memfd_survives_and_cloexec_toggles() {
+    fn a_version_2_hand_over_is_read_with_its_device_parts() {
+        let h = sample();
+        let msi = VfioMsiState {
+            device: 0,
+            offset: 0x40,
+            control: 0x81,
+            address: 0xfee0_0000,
+            data: 0x22,
+            mask: 0,
+        };
+        let v2 = WrittenV2 {
+            fds: h.fds.clone(),
+            state_path: h.state_path.clone(),
+            paused_at_ns: 1,
+            exec_at_ns: 2,
+            phases: h.phases.clone(),
+            rollback_argv: h.rollback_argv.clone(),
+            console_pending_out: b"...".to_vec(),
+            console_pending_in: b"v".to_vec(),
+            console_pty_path: None,
+            from_version: "0.1.0".into(),
+            generation: 3,
+            rollback_reason: None,
+            address_space_keeper: None,
+            vfio_model_containers: vec![3, 4],
+            vfio_msi: vec![msi],
+        };
+        let bytes = frame(HANDOVER_MAGIC, 2, &v2).expect("frame");
+        let read = CprHandover::decode(&bytes).expect("decode v2");
+        let legacy = read.legacy.clone().expect("legacy parts");
+        assert_eq!(legacy.console_pending_out, b"...");
+        assert_eq!(legacy.console_pending_in, b"v");
+        assert_eq!(legacy.vfio_msi, vec![msi]);
+        assert_eq!(
+            CprHandover {
+                legacy: None,
+                ..read
+            },
+            h
+        );
+        let newer = frame(HANDOVER_MAGIC, HANDOVER_VERSION + 1, &h).expect("frame");
+        let err = CprHandover::decode(&newer).expect_err("newer refused");
+        assert!(err.to_string().contains("version 4"), "{err}");
+    }
+
+    #[test]
+    fn bridge_replies_of_both_versions_decode() {
+        let reply = BridgeReply {
+            saved: Ok(()),
+            paused_at_ns: 5,
+            phases: vec![("bridge-pause".into(), 40)],
+            guest_events: vec![BridgedEvent::Suspend],
+            legacy: None,
+        };
+        let bytes = reply.encode().expect("encode");
+        assert_eq!(BridgeReply::decode(&bytes).expect("decode"), reply);
+        #[derive(serde::Serialize)]
+        struct WrittenV1 {
+            saved: Result<(), String>,
+            paused_at_ns: u64,
+            phases: Vec<(String, u64)>,
+            console_pending_out: Vec<u8>,
+            console_pending_in: Vec<u8>,
+            guest_events: Vec<BridgedEvent>,
+        }
+        let v1 = WrittenV1 {
+            saved: Ok(()),
+            paused_at_ns: 5,
+            phases: reply.phases.clone(),
+            console_pending_out: b"out".to_vec(),
+            console_pending_in: b"in".to_vec(),
+            guest_events: vec![BridgedEvent::Suspend],
+        };
+        let old = BridgeReply::decode(&frame(BRIDGE_REPLY_MAGIC, 1, &v1).expect("frame"))
+            .expect("decode v1");
+        let legacy = old.legacy.clone().expect("legacy console");
+        assert_eq!(legacy.console_pending_out, b"out");
+        assert_eq!(legacy.console_pending_in, b"in");
+        assert_eq!(
+            BridgeReply {
+                legacy: None,
+                ..old
+            },
+            reply
+        );
+    }
+
+    #[test]
+    fn memfd_is_close_on_exec() {
         let fd = sample().to_memfd().expect("memfd");
         // SAFETY: F_GETFD only queries.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
         assert_ne!(flags & libc::FD_CLOEXEC, 0);
-        set_cloexec(&fd, false).expect("clear");
-        // SAFETY: as above.
-        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
-        assert_eq!(flags & libc::FD_CLOEXEC, 0);
-        assert!(monotonic_ns() > 0);
     }
 }

@@ -18,7 +18,7 @@ use super::{
     POLL_INTERVAL,
 };
 use crate::client;
-use crate::output::{format_micros, mode_name, run_state_name};
+use crate::output::{format_micros, run_state_name};
 use crate::workflow::session::run_state;
 use crate::workflow::{
     micros, phase_views, Compensating, Engine, Failed, Guest, Outcome, Session, SessionError,
@@ -197,7 +197,14 @@ impl Workflow for Prep<'_> {
         match undo {
             PrepUndo::RemoveMarker => Some(self.remove_marker()),
             PrepUndo::Restart => self.restart_if_postmigrate().await,
-            PrepUndo::RestoreMode(prev) => Some(self.restore_mode(prev).await),
+            PrepUndo::RestoreMode(prev) => Some(
+                self.session
+                    .restore_migration_parameters(MigrationParameters {
+                        mode: prev.mode,
+                        exec_args: Vec::new(),
+                    })
+                    .await,
+            ),
             PrepUndo::Wakeup => self.wake_if_suspended().await,
         }
     }
@@ -515,25 +522,6 @@ impl Prep<'_> {
             Ok(s) => format!("guest restarted ({s})"),
             Err(e) => format!("cannot restart the guest: {e}"),
         })
-    }
-
-    /// `set-mode`: puts the previous migration mode back.
-    async fn restore_mode(&self, prev: MigrationParameters) -> String {
-        let r = match self.session.connect().await {
-            Ok(mut vmm) => vmm
-                .set_migration_parameters(MigrationParameters {
-                    mode: prev.mode,
-                    exec_args: Vec::new(),
-                })
-                .await
-                .map(|_| ())
-                .map_err(|s| s.message().to_owned()),
-            Err(e) => Err(e.to_string()),
-        };
-        match r {
-            Ok(()) => format!("migration mode back to {}", mode_name(prev.mode)),
-            Err(e) => format!("cannot restore the migration mode: {e}"),
-        }
     }
 
     /// `suspend`: wakes a guest that is suspended; `None` when it is not.

@@ -15,7 +15,7 @@ use super::{
     DiePoint, Load, Step, UpdateArgs, UpdateError, UpdateReport, POLL_CALL_TIMEOUT, POLL_INTERVAL,
 };
 use crate::client::{code_name, Client};
-use crate::output::{format_micros, mode_name, run_state_name};
+use crate::output::{format_micros, run_state_name};
 use crate::workflow::{
     phase_views, probe, Compensating, Outcome, ProbeError, Session, SessionError, StepOk, Undo,
     Workflow,
@@ -490,19 +490,7 @@ impl<'a> Update<'a> {
             return None;
         }
         c.announce(None);
-        let mode = prev.mode;
-        let r = match self.session.connect().await {
-            Ok(mut vmm) => vmm
-                .set_migration_parameters(prev)
-                .await
-                .map(|_| ())
-                .map_err(|s| s.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        Some(match r {
-            Ok(()) => format!("migration mode back to {}", mode_name(mode)),
-            Err(e) => format!("cannot restore the migration mode: {e}"),
-        })
+        Some(self.session.restore_migration_parameters(prev).await)
     }
 }
 

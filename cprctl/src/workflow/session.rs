@@ -6,9 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vmmd_proto::v1::{InfoRequest, InfoResponse, RunState, WorkflowStep};
+use vmmd_proto::v1::{InfoRequest, InfoResponse, MigrationParameters, RunState, WorkflowStep};
 
 use crate::client::{self, Client};
+use crate::output::mode_name;
 use crate::workflow::error::SessionError;
 
 /// How long a connection or an Info call may take, unless a workflow says otherwise.
@@ -70,6 +71,23 @@ impl Session {
                 "info",
                 format!("no answer within {}s", self.call_timeout.as_secs()),
             )),
+        }
+    }
+
+    /// The compensation of a `set-mode` step: puts `prev` back; what it did.
+    pub async fn restore_migration_parameters(&self, prev: MigrationParameters) -> String {
+        let mode = prev.mode;
+        let r = match self.connect().await {
+            Ok(mut vmm) => vmm
+                .set_migration_parameters(prev)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.message().to_owned()),
+            Err(e) => Err(e.to_string()),
+        };
+        match r {
+            Ok(()) => format!("migration mode back to {}", mode_name(mode)),
+            Err(e) => format!("cannot restore the migration mode: {e}"),
         }
     }
 

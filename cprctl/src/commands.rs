@@ -17,13 +17,7 @@ use crate::output::{
     QuitView, Render, RunStateView, StatusView,
 };
 
-/// Exit status when the command ran but failed (gRPC error, failed migration).
-pub const EXIT_FAILED: u8 = 1;
-/// Exit status when vmmd (or its console) could not be reached.
-pub const EXIT_UNREACHABLE: u8 = 3;
-/// Exit status of a failed `update` after which the guest is not back in its runstate from
-/// before (or vmmd does not answer): an operator must look.
-pub const EXIT_GUEST_NOT_RESTORED: u8 = 4;
+pub use crate::workflow::outcome::{EXIT_FAILED, EXIT_GUEST_NOT_RESTORED, EXIT_UNREACHABLE};
 
 /// Control a vmmd virtual machine monitor over its gRPC API.
 #[derive(Debug, Parser)]
@@ -206,11 +200,7 @@ impl CommandError {
         match self {
             Self::Client(ClientError::SocketMissing { .. } | ClientError::Connect { .. })
             | Self::Console(ConsoleError::Connect { .. }) => EXIT_UNREACHABLE,
-            Self::Update { failure: f } => match &f.error {
-                crate::update::UpdateError::Unreachable(_) if f.report.pid == 0 => EXIT_UNREACHABLE,
-                _ if f.guest_as_before() => EXIT_FAILED,
-                _ => EXIT_GUEST_NOT_RESTORED,
-            },
+            Self::Update { failure } => failure.outcome().exit_code(),
             Self::Reboot { code, .. } => *code,
             _ => EXIT_FAILED,
         }
@@ -411,17 +401,6 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
     }
 }
 
-/// Exit status of a failed reboot workflow: unreachable, guest as before, or look at it.
-fn reboot_exit_code(r: &crate::reboot::VmReport) -> u8 {
-    if r.pid.is_none() && r.outcome == "refused" && r.workflow == "reboot-prep" {
-        EXIT_UNREACHABLE
-    } else if r.guest_as_before() {
-        EXIT_FAILED
-    } else {
-        EXIT_GUEST_NOT_RESTORED
-    }
-}
-
 fn emit_vm(report: &crate::reboot::VmReport, json: bool) -> Result<(), CommandError> {
     emit(report, json)?;
     if report.ok {
@@ -432,10 +411,10 @@ fn emit_vm(report: &crate::reboot::VmReport, json: bool) -> Result<(), CommandEr
             "{} {} {}: {}",
             report.workflow,
             report.name,
-            report.outcome,
+            report.outcome.name(),
             report.error.as_deref().unwrap_or("")
         ),
-        code: reboot_exit_code(report),
+        code: report.outcome.exit_code(),
     })
 }
 
@@ -447,11 +426,11 @@ fn emit_fleet(report: &crate::reboot::FleetReport, json: bool) -> Result<(), Com
     let failed: Vec<&crate::reboot::VmReport> = report
         .reports
         .iter()
-        .filter(|r| !r.ok && r.outcome != "skipped")
+        .filter(|r| !r.ok && r.outcome != crate::workflow::Outcome::Skipped)
         .collect();
     let code = failed
         .iter()
-        .map(|r| reboot_exit_code(r))
+        .map(|r| r.outcome.exit_code())
         .max()
         .unwrap_or(EXIT_FAILED);
     Err(CommandError::Reboot {
@@ -462,7 +441,11 @@ fn emit_fleet(report: &crate::reboot::FleetReport, json: bool) -> Result<(), Com
             report.vms,
             failed
                 .iter()
-                .map(|r| format!("{} ({})", r.name, r.error.as_deref().unwrap_or(r.outcome)))
+                .map(|r| format!(
+                    "{} ({})",
+                    r.name,
+                    r.error.as_deref().unwrap_or(r.outcome.name())
+                ))
                 .collect::<Vec<_>>()
                 .join("; ")
         ),

@@ -1,23 +1,47 @@
-//! What the typed workflows (`update`, `reboot-prep`, `reboot-resume`) share: the step log (time
-//! each step, record it, report progress as text or JSON lines), the report's step table, and
-//! asking a vmmd binary something.
+//! The step log: each step's record for the report, and progress events as text or JSON lines.
 
-use std::fmt::{Display, Write as _};
-use std::path::Path;
-use std::process::Stdio;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vmmd_proto::v1::Phase;
 
-use crate::output::{format_micros, PhaseView};
-
-/// How long asking a vmmd binary something (`--check-state-version`, `--version`) may take.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::output::format_micros;
 
 /// Microseconds of `d`, saturating.
 pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// What happened to a step, as reports and progress events name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    /// The step begins (progress only).
+    Started,
+    /// The step completed.
+    Done,
+    /// The step had nothing to do.
+    Skipped,
+    /// The step failed.
+    Failed,
+    /// A compensation begins (progress only).
+    Compensating,
+    /// A compensation ran.
+    Compensated,
+}
+
+impl StepStatus {
+    /// The word, e.g. `done`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Done => "done",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+            Self::Compensating => "compensating",
+            Self::Compensated => "compensated",
+        }
+    }
 }
 
 /// One step as it went.
@@ -26,7 +50,7 @@ pub struct StepRecord {
     /// The step's name.
     pub step: &'static str,
     /// `done`, `skipped`, `failed` or `compensated`.
-    pub status: &'static str,
+    pub status: StepStatus,
     /// Wall time of the step (or of its compensation).
     pub micros: u64,
     /// What happened, when there is something to say.
@@ -40,7 +64,7 @@ pub fn render_steps(s: &mut String, steps: &[StepRecord]) {
             s,
             "  {:16}  {:11}  {}",
             st.step,
-            st.status,
+            st.status.name(),
             format_micros(st.micros)
         );
         if let Some(d) = &st.detail {
@@ -48,17 +72,6 @@ pub fn render_steps(s: &mut String, steps: &[StepRecord]) {
         }
         s.push('\n');
     }
-}
-
-/// vmmd's migration phases as reports show them.
-pub fn phase_views(phases: &[Phase]) -> Vec<PhaseView> {
-    phases
-        .iter()
-        .map(|p| PhaseView {
-            name: p.name.clone(),
-            micros: p.micros,
-        })
-        .collect()
 }
 
 /// A progress event: a step started, ended, failed or was compensated.
@@ -74,7 +87,7 @@ pub struct ProgressEvent {
     /// Number of steps in this workflow.
     pub of: usize,
     /// `started`, `done`, `skipped`, `failed`, `compensating` or `compensated`.
-    pub status: &'static str,
+    pub status: StepStatus,
     /// Microseconds since the step started (0 when it starts).
     pub micros: u64,
     /// What happened, when there is something to say.
@@ -85,8 +98,13 @@ impl ProgressEvent {
     /// `[index/of] step` and, unless it is `started`, ` status (time)`.
     pub fn head(&self) -> String {
         let mut s = format!("[{}/{}] {}", self.index, self.of, self.step);
-        if self.status != "started" {
-            let _ = write!(s, " {} ({})", self.status, format_micros(self.micros));
+        if self.status != StepStatus::Started {
+            let _ = write!(
+                s,
+                " {} ({})",
+                self.status.name(),
+                format_micros(self.micros)
+            );
         }
         s
     }
@@ -95,7 +113,7 @@ impl ProgressEvent {
     /// `[index/of] step status (time): detail`.
     pub fn human(&self) -> String {
         let mut s = self.head();
-        if self.status == "started" {
+        if self.status == StepStatus::Started {
             let _ = write!(s, ": {} ...", self.what);
         } else if let Some(d) = &self.detail {
             let _ = write!(s, ": {d}");
@@ -104,8 +122,8 @@ impl ProgressEvent {
     }
 }
 
-/// Where progress goes.
-pub trait Progress {
+/// Where progress goes. `Send`, so that a workflow can run on any worker (`--all`).
+pub trait Progress: Send {
     /// Called for every step event.
     fn event(&mut self, e: &ProgressEvent);
 }
@@ -149,17 +167,17 @@ pub fn eprint_json(value: &impl Serialize) {
 }
 
 /// The steps of one workflow run as they go: records them and reports progress.
-pub struct StepLog<P> {
+pub struct StepLog<'p> {
     /// The steps (name, what it does), in order.
     steps: Vec<(&'static str, &'static str)>,
     /// The steps as they went, compensations included.
-    pub records: Vec<StepRecord>,
-    progress: P,
+    records: Vec<StepRecord>,
+    progress: &'p mut dyn Progress,
 }
 
-impl<P: Progress> StepLog<P> {
+impl<'p> StepLog<'p> {
     /// A log of `steps` (name, what it does), in the order they run.
-    pub fn new(steps: Vec<(&'static str, &'static str)>, progress: P) -> Self {
+    pub fn new(steps: Vec<(&'static str, &'static str)>, progress: &'p mut dyn Progress) -> Self {
         Self {
             steps,
             records: Vec::new(),
@@ -171,7 +189,7 @@ impl<P: Progress> StepLog<P> {
     pub fn emit(
         &mut self,
         step: &'static str,
-        status: &'static str,
+        status: StepStatus,
         us: u64,
         detail: Option<String>,
     ) {
@@ -197,7 +215,7 @@ impl<P: Progress> StepLog<P> {
     pub fn record(
         &mut self,
         step: &'static str,
-        status: &'static str,
+        status: StepStatus,
         us: u64,
         detail: Option<String>,
     ) {
@@ -210,80 +228,74 @@ impl<P: Progress> StepLog<P> {
         });
     }
 
-    /// Records how `step`, started at `started`, ended: `done` with its detail, or `failed` with
-    /// the error, which is handed back.
-    pub fn finish<E: Display>(
+    /// Records `step`, started at `started`, as `status`.
+    pub fn finish(
         &mut self,
         step: &'static str,
+        status: StepStatus,
         started: Instant,
-        result: Result<Option<String>, E>,
-    ) -> Result<(), E> {
-        let us = micros(started.elapsed());
-        match result {
-            Ok(detail) => {
-                self.record(step, "done", us, detail);
-                Ok(())
-            }
-            Err(e) => {
-                self.record(step, "failed", us, Some(e.to_string()));
-                Err(e)
-            }
-        }
+        detail: Option<String>,
+    ) {
+        self.record(step, status, micros(started.elapsed()), detail);
     }
 
-    /// Records the compensation of `step`, started at `started`.
-    pub fn compensated(&mut self, step: &'static str, started: Instant, detail: String) {
-        self.record(step, "compensated", micros(started.elapsed()), Some(detail));
+    /// The records so far.
+    pub fn records(&self) -> &[StepRecord] {
+        &self.records
+    }
+
+    /// The records, leaving the log empty.
+    pub fn take_records(&mut self) -> Vec<StepRecord> {
+        std::mem::take(&mut self.records)
     }
 }
 
-/// Why a vmmd binary could not be asked something.
-#[derive(Debug, thiserror::Error)]
-#[error("cannot run `{command}`: {detail}")]
-pub struct ProbeError {
-    /// The command line.
-    pub command: String,
-    /// What happened.
-    pub detail: String,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// What a vmmd binary answered.
-#[derive(Debug)]
-pub struct ProbeAnswer {
-    /// Whether it exited successfully.
-    pub success: bool,
-    /// Its stdout and stderr, trimmed, joined by `; `.
-    pub text: String,
-}
-
-/// Runs `binary args...` with [`PROBE_TIMEOUT`]; its exit status and output.
-pub async fn probe(binary: &Path, args: &[String]) -> Result<ProbeAnswer, ProbeError> {
-    let command = format!("{} {}", binary.display(), args.join(" "));
-    let failed = |detail: String| ProbeError {
-        command: command.clone(),
-        detail,
-    };
-    let out = tokio::process::Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(PROBE_TIMEOUT, out)
-        .await
-        .map_err(|_| failed(format!("no answer within {}s", PROBE_TIMEOUT.as_secs())))?
-        .map_err(|e| failed(e.to_string()))?;
-    let mut text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
-    if !err.is_empty() {
-        if !text.is_empty() {
-            text.push_str("; ");
-        }
-        text.push_str(&err);
+    #[test]
+    fn progress_lines_name_the_step() {
+        let e = ProgressEvent {
+            step: "exec",
+            what: "pause, save state, exec the new binary",
+            index: 3,
+            of: 5,
+            status: StepStatus::Done,
+            micros: 1500,
+            detail: None,
+        };
+        assert_eq!(e.human(), "[3/5] exec done (1.500 ms)");
+        assert_eq!(
+            serde_json::to_string(&e).expect("json"),
+            r#"{"step":"exec","index":3,"of":5,"status":"done","micros":1500,"detail":null}"#
+        );
+        let started = ProgressEvent {
+            status: StepStatus::Started,
+            micros: 0,
+            ..e
+        };
+        assert_eq!(
+            started.human(),
+            "[3/5] exec: pause, save state, exec the new binary ..."
+        );
     }
-    Ok(ProbeAnswer {
-        success: out.status.success(),
-        text,
-    })
+
+    #[test]
+    fn the_step_table_has_one_line_a_step() {
+        let mut s = String::new();
+        render_steps(
+            &mut s,
+            &[StepRecord {
+                step: "wakeup",
+                status: StepStatus::Skipped,
+                micros: 5,
+                detail: Some("skipped: the guest is running".into()),
+            }],
+        );
+        assert_eq!(
+            s,
+            "  wakeup            skipped      5 us  skipped: the guest is running\n"
+        );
+    }
 }

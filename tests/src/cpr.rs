@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use cprctl::update::{NoProgress, UpdateArgs, UpdateFailure, UpdateReport};
 use serde_json::Value;
-use vmmd_proto::v1::{InfoResponse, RunState};
+use vmmd_proto::v1::{InfoResponse, RunState, UpdateState};
 
 use crate::{bins, Api, VmmdProcess};
 
@@ -85,7 +85,7 @@ pub fn wait_settled(socket: &Path, timeout: Duration) -> InfoResponse {
         match info_now(socket) {
             Ok(info)
                 if info.run_state != RunState::Inmigrate as i32
-                    && !info.update_status.starts_with("cpr-exec: ") =>
+                    && info.update_state() != UpdateState::InProgress =>
             {
                 return info;
             }

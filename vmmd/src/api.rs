@@ -88,7 +88,7 @@ pub fn status_for(e: &VmError) -> Status {
         VmError::Uri(_) => Status::invalid_argument(msg),
         // The bridge could not be set up: the update stopped before the exec, the guest runs on.
         VmError::BridgeSetup(_)
-        | VmError::Console(crate::devices::console::ConsoleError::Bridge(_))
+        | VmError::Console(crate::console::ConsoleError::Bridge(_))
         | VmError::Vcpu(crate::vcpu::VcpuError::Detach { .. }) => Status::aborted(msg),
         VmError::Bridge(_) => Status::unavailable(msg),
         VmError::UnsupportedMode(_) => Status::unimplemented(msg),

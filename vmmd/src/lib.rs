@@ -5,11 +5,13 @@
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod cpr;
 pub mod devices;
 pub mod memory;
 pub mod notify;
 pub mod persist;
+pub mod sys;
 pub mod vcpu;
 pub mod vfio;
 pub mod vm;

@@ -11,8 +11,8 @@ use vmmd::config::Cli;
 use vmmd::vm::{self, EventBus, Incoming, Vm, VmError};
 
 use cpr_common::cpr::{fd_names, monotonic_ns, CprHandover};
+use vmmd::console::{ConsoleHandover, SerialBackendSpec};
 use vmmd::cpr::exec as cpr_exec;
-use vmmd::devices::console::{ConsoleHandover, SerialBackendSpec};
 use vmmd::{api, vcpu};
 
 /// Why vmmd could not start or serve.
@@ -171,8 +171,6 @@ impl Inheritance {
         let console = ConsoleHandover::inherited(
             spec.clone(),
             |name| self.dup(name),
-            h.console_pending_out.clone(),
-            h.console_pending_in.clone(),
             h.console_pty_path.clone(),
         );
         let vfio_fds = self

@@ -20,17 +20,21 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use cpr_common::cpr::{fd_names, monotonic_ns, BridgeReply, BridgedEvent, CprHandover};
 
 use crate::boot::pvh::{self, BootError};
+use crate::console::{
+    Console, ConsoleArgs, ConsoleError, ConsoleHandover, ConsoleState, SerialBackendSpec,
+    StoppedConsole,
+};
 use crate::cpr::bridge::{self, BridgeError};
-use crate::cpr::continuation::Continuation;
 use crate::cpr::exec::{self as cpr_exec, CprExecError, PreservedFds};
 use crate::cpr::state::{KvmVmError, KvmVmState, SavedRunState, VmState};
 use crate::cpr::status::UpdateStatus;
-use crate::devices::console::{Console, ConsoleError, ConsoleHandover, SerialBackendSpec};
 use crate::devices::pci::PciBus;
 use crate::devices::pm::PmDevice;
 use crate::devices::serial::{SerialDevice, SerialError, COM1_GSI};
 use crate::devices::{Devices, GuestRequest};
 use crate::memory::{GuestRam, MemoryError, MemorySpec};
+use crate::persist::Persist;
+use crate::sys::continuation::Continuation;
 use crate::vcpu::{self, VcpuError, VcpuEvent, VcpuSet};
 use crate::vfio::dma::{DmaMapping, DmaStepError};
 use crate::vfio::msi::{MsiCap, MsiRouter};
@@ -531,7 +535,16 @@ impl Vm {
                 match i.bridge {
                     // The bridge serves the console until the take-over.
                     Some(_) => Console::resume_deferred(i.console, CONSOLE_BUFFER)?,
-                    None => Console::resume(i.console, CONSOLE_BUFFER)?,
+                    None => Console::resume(StoppedConsole::restore(
+                        ConsoleArgs {
+                            handover: i.console,
+                            buffer_bytes: CONSOLE_BUFFER,
+                        },
+                        &ConsoleState {
+                            output: i.handover.console_pending_out.clone(),
+                            input: i.handover.console_pending_in.clone(),
+                        },
+                    )?)?,
                 },
                 {
                     vfio_fds = i.vfio_fds;
@@ -958,9 +971,12 @@ impl Vm {
                 // Whatever this process delivered of the console buffer must not be sent twice.
                 let mut handover = i.handover.clone();
                 if let Some(console) = self.console.take() {
-                    let stopped = console.quiesce();
-                    handover.console_pending_out = stopped.pending_out;
-                    handover.console_pending_in = stopped.pending_in;
+                    let state = match console.quiesce().save() {
+                        Ok(state) => state,
+                        Err(e) => return e.into(),
+                    };
+                    handover.console_pending_out = state.output;
+                    handover.console_pending_in = state.input;
                 }
                 cpr_exec::roll_back(&handover, reason).into()
             }
@@ -1496,9 +1512,9 @@ impl Vm {
         }
         lap(&mut reply.phases, "save-state", t);
         if let Some(c) = &self.console {
-            let (out, input) = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
-            reply.console_pending_out = out;
-            reply.console_pending_in = input;
+            let state = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
+            reply.console_pending_out = state.output;
+            reply.console_pending_in = state.input;
         }
         reply.guest_events = self
             .vcpus
@@ -1650,7 +1666,7 @@ impl Vm {
         let console = console.quiesce();
         let err = self.exec_with(path, paused_at_ns, clock, &console, prepared);
         // Compensation: the console serves again with everything it had.
-        self.console = Some(Console::resume(console, CONSOLE_BUFFER)?);
+        self.console = Some(Console::resume(console)?);
         Err(err)
     }
 
@@ -1659,9 +1675,13 @@ impl Vm {
         path: &std::path::Path,
         paused_at_ns: u64,
         clock: &PhaseClock,
-        console: &ConsoleHandover,
+        console: &StoppedConsole,
         prepared: &ExecPrepared,
     ) -> VmError {
+        let console_state = match console.save() {
+            Ok(state) => state,
+            Err(e) => return e.into(),
+        };
         let (previous, keeper) = (&prepared.previous, prepared.keeper.as_ref());
         let mut fds = vec![
             (fd_names::RAM.to_string(), self.ram.raw_fd()),
@@ -1683,6 +1703,7 @@ impl Vm {
         }
         fds.extend(
             console
+                .handover()
                 .named_fds()
                 .into_iter()
                 .map(|(n, fd)| (n.to_string(), fd)),
@@ -1705,9 +1726,9 @@ impl Vm {
                 .map(|(n, d)| (n.clone(), d.as_micros() as u64))
                 .collect(),
             rollback_argv: cpr_exec::with_incoming_file(&argv, path),
-            console_pending_out: console.pending_out.clone(),
-            console_pending_in: console.pending_in.clone(),
-            console_pty_path: console.pty_path.clone(),
+            console_pending_out: console_state.output,
+            console_pending_in: console_state.input,
+            console_pty_path: console.handover().pty_path.clone(),
             from_version: VERSION.to_string(),
             generation: self.generation + 1,
             rollback_reason: None,
@@ -1966,8 +1987,11 @@ impl Vm {
         cpr_exec::disarm_crash_rollback();
         if let (Some(reply), Some(c)) = (&ctx.bridge_reply, self.console.as_mut()) {
             // What the bridge had not delivered goes out first, then what the guest wrote since.
-            let pending_in = reply.console_pending_in.clone();
-            if let Err(e) = c.start_deferred(&reply.console_pending_out, pending_in) {
+            let state = ConsoleState {
+                output: reply.console_pending_out.clone(),
+                input: reply.console_pending_in.clone(),
+            };
+            if let Err(e) = c.start_deferred(&state) {
                 warn!(error = %e, "cannot start the console after the take-over; guest output stays buffered");
             }
         }

@@ -19,8 +19,8 @@ use std::sync::OnceLock;
 
 use cpr_common::cpr::{fd_names, set_cloexec, CprHandover, HandoverError, HANDOVER_ENV};
 
-use super::continuation::clone_vm;
-pub use super::continuation::reap;
+use crate::sys::continuation::clone_vm;
+pub use crate::sys::continuation::reap;
 
 /// Why a cpr-exec step failed. Before `execve` succeeds, the guest keeps running on this binary.
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::console::ConsoleWriter;
+use crate::console::ConsoleWriter;
 
 /// First port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;

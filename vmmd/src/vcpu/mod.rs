@@ -834,7 +834,7 @@ impl VcpuLoop {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let started = crate::cpr::continuation::Continuation::start(
+        let started = crate::sys::continuation::Continuation::start(
             self.clone(),
             |child| {
                 child.run(false);

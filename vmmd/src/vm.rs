@@ -35,7 +35,7 @@ use crate::devices::{Devices, GuestRequest};
 use crate::memory::{GuestRam, MemoryError, MemorySpec};
 use crate::persist::Persist;
 use crate::sys::continuation::Continuation;
-use crate::vcpu::{self, VcpuError, VcpuEvent, VcpuSet};
+use crate::vcpu::{self, Vcpu, VcpuArgs, VcpuError, VcpuEvent, VcpuSet};
 use crate::vfio::dma::{DmaMapping, DmaStepError};
 use crate::vfio::msi::{MsiCap, MsiRouter};
 use crate::vfio::{Placement, Vfio, VfioConfig, VfioError};
@@ -1757,7 +1757,7 @@ impl Vm {
     fn capture(&self, run_state: SavedRunState) -> Result<VmState, VmError> {
         let mut vcpus = Vec::with_capacity(self.vcpus.count());
         for (id, fd) in self.vcpus.fds.iter().enumerate() {
-            vcpus.push(vcpu::save_state(&lock(fd), id as u8, &self.msr_indices)?);
+            vcpus.push(Vcpu::new(&lock(fd), id as u8, &self.msr_indices).save()?);
         }
         Ok(VmState {
             vmmd_version: VERSION.to_string(),
@@ -1929,7 +1929,13 @@ impl Vm {
 
         state.vm.restore(&self.vm_fd)?;
         for (fd, s) in self.vcpus.fds.iter().zip(&state.vcpus) {
-            vcpu::restore_state(&lock(fd), s)?;
+            let fd = lock(fd);
+            // Which MSRs later saves read is probed below, once the CPUIDs are set.
+            let args = VcpuArgs {
+                fd: &fd,
+                msr_indices: &[],
+            };
+            Vcpu::restore(args, s)?;
         }
         self.msr_indices = vcpu::saveable_msrs(&self._kvm, &lock(&self.vcpus.fds[0]))?;
         self.devices.serial().restore(&state.serial)?;

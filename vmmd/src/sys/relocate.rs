@@ -89,6 +89,8 @@ struct Inner<T> {
     keep: Vec<RawFd>,
     /// Why a loop could not move (since the last [`Relocation::ask_move`]).
     failure: Option<ContinuationError>,
+    /// Loops starting their continuations (outside the lock, so that several start at once).
+    starting: usize,
     /// Where the first loop that moved leaves its result (for a relocation of one loop).
     slot: Option<Arc<ResultSlot<T>>>,
 }
@@ -128,6 +130,7 @@ impl<T> Relocation<T> {
             inner: Mutex::new(Inner {
                 keep: Vec::new(),
                 failure: None,
+                starting: 0,
                 slot: None,
             }),
             changed: Condvar::new(),
@@ -205,9 +208,10 @@ impl<T> Relocation<T> {
     /// until every one is on its thread again; then nothing is asked anymore.
     pub fn bring_back(&self, timeout: Duration, wake: impl FnOnce()) -> Result<(), RelocateError> {
         {
-            let _inner = self.lock();
-            if self.moved() == 0 {
-                // A loop that saw the move but has not started its child stays (see `run_moved`).
+            let inner = self.lock();
+            if self.moved() == 0 && inner.starting == 0 {
+                // A loop that saw the move but has not begun to start its child stays (see
+                // `run_moved`).
                 self.set(Ask::Stay);
                 return Ok(());
             }
@@ -215,9 +219,10 @@ impl<T> Relocation<T> {
         }
         wake();
         let inner = self.lock();
+        // A child that starts now sees the request at once and ends.
         let (_inner, _) = self
             .changed
-            .wait_timeout_while(inner, timeout, |_| self.moved() > 0)
+            .wait_timeout_while(inner, timeout, |i| self.moved() > 0 || i.starting > 0)
             .unwrap_or_else(PoisonError::into_inner);
         let away = self.moved();
         if away > 0 {
@@ -256,23 +261,34 @@ impl<T: Send + 'static> Relocation<T> {
         work: fn(V) -> T,
         mut on_move: impl FnMut(Option<libc::pid_t>),
     ) -> Moved<T, V> {
-        // Checked and started under the lock, so that a `bring_back` either comes first (and the
-        // loop stays) or sees the loop as moved (and waits for it).
+        // Checked under the lock, so that a `bring_back` either comes first (and the loop stays)
+        // or counts the loop as starting (and waits for it).
+        let keep = {
+            let mut inner = self.lock();
+            if !self.must_move() {
+                return Moved::Stayed(value);
+            }
+            inner.starting += 1;
+            inner.keep.clone()
+        };
+        // Outside the lock: the loops of a relocation start their children in parallel.
+        let started = Continuation::start(value, work, &keep);
         let mut inner = self.lock();
-        if !self.must_move() {
-            return Moved::Stayed(value);
-        }
-        let child = match Continuation::start(value, work, &inner.keep) {
+        inner.starting -= 1;
+        let child = match started {
             Ok(c) => c,
             Err((e, value)) => {
                 inner.failure = Some(e);
                 // The other loops stay too: the controller brings back whatever moved.
-                self.set(Ask::Stay);
+                if self.must_move() {
+                    self.set(Ask::Stay);
+                }
                 self.changed.notify_all();
                 return Moved::Stayed(value);
             }
         };
-        // From here until `wait` returns, the child uses this thread's TLS.
+        // From here until `wait` returns, the child uses this thread's TLS: nothing is freed
+        // (`keep` goes after the wait).
         let mine = child.slot();
         if inner.slot.is_none() {
             inner.slot = Some(Arc::clone(&mine));
@@ -282,6 +298,7 @@ impl<T: Send + 'static> Relocation<T> {
         self.changed.notify_all();
         drop(inner);
         let result = child.wait();
+        drop(keep);
         on_move(None);
         let mut inner = self.lock();
         if inner.slot.as_ref().is_some_and(|s| Arc::ptr_eq(s, &mine)) {
@@ -345,6 +362,23 @@ mod tests {
         assert_eq!(r.moved(), 0);
         assert!(t.join().expect("thread").is_some_and(|n| n > 0));
         assert_eq!(pid.load(Ordering::SeqCst), -1, "on_move saw the end");
+    }
+
+    #[test]
+    fn several_loops_move_together_and_all_come_back() {
+        let r = Arc::new(Relocation::new());
+        let pids: Vec<_> = (0..3).map(|_| Arc::new(AtomicI32::new(0))).collect();
+        let threads: Vec<_> = pids.iter().map(|p| loop_thread(&r, p)).collect();
+        r.ask_move(Vec::new());
+        r.wait_moved(3, LIMIT).expect("all moved");
+        let mut seen: Vec<i32> = pids.iter().map(|p| p.load(Ordering::SeqCst)).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 3, "one child each");
+        r.bring_back(LIMIT, || {}).expect("back");
+        for t in threads {
+            assert!(t.join().expect("thread").is_some());
+        }
     }
 
     #[test]

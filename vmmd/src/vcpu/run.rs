@@ -39,7 +39,7 @@ pub fn install_kick_handler() -> Result<(), VcpuError> {
 
 /// What a vCPU loop works with; cloned into a continuation when the loop is detached.
 #[derive(Clone)]
-pub(super) struct VcpuLoop {
+struct VcpuLoop {
     id: u8,
     fd: Arc<Mutex<VcpuFd>>,
     control: Arc<VcpuControl>,
@@ -47,6 +47,7 @@ pub(super) struct VcpuLoop {
     events: tokio::sync::mpsc::UnboundedSender<VcpuEvent>,
 }
 
+/// The body of vCPU thread `id`: its loop, moved into a continuation whenever it is told to detach.
 pub(super) fn run_vcpu(
     id: u8,
     fd: Arc<Mutex<VcpuFd>>,

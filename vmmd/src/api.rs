@@ -97,7 +97,7 @@ impl ToStatus for VmError {
         match self {
             VmError::WrongState { .. } => Code::FailedPrecondition,
             // A loop could not move into the bridge: the update stopped before the exec.
-            VmError::Console(crate::devices::console::ConsoleError::Bridge(_))
+            VmError::Console(crate::console::ConsoleError::Bridge(_))
             | VmError::Vcpu(crate::vcpu::VcpuError::Detach { .. }) => Code::Aborted,
             _ => Code::Internal,
         }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
-use crate::devices::console::SerialBackendSpec;
+use crate::console::SerialBackendSpec;
 use crate::memory::MemorySpec;
 use crate::vfio::{VfioConfig, VfioDeviceSpec};
 use crate::vm::{FaultInjection, Incoming, VmConfig};
@@ -214,9 +214,7 @@ impl Cli {
             (Some(s), _) => s.clone(),
             (None, Some(s)) => s
                 .parse()
-                .map_err(|e: crate::devices::console::ConsoleError| {
-                    value("serial", e.to_string())
-                })?,
+                .map_err(|e: crate::console::ConsoleError| value("serial", e.to_string()))?,
             (None, None) => SerialBackendSpec::Null,
         };
         let devices = if self.devices.is_empty() {

@@ -15,6 +15,7 @@
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod cpr;
 pub mod devices;
 pub mod memory;
@@ -26,3 +27,6 @@ pub mod sys;
 pub mod vcpu;
 pub mod vfio;
 pub mod vm;
+
+#[cfg(test)]
+mod layering;

@@ -10,9 +10,9 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use vmmd::config::Cli;
 use vmmd::vm::{self, EventBus, Incoming, Vm, VmBuilder, VmError};
 
+use vmmd::console::{ConsoleHandover, SerialBackendSpec};
 use vmmd::cpr::exec::process as cpr_exec;
 use vmmd::cpr::CprError;
-use vmmd::devices::console::{ConsoleHandover, SerialBackendSpec};
 use vmmd::migration::MigrationError;
 use vmmd::state::handover::{fd_names, CprHandover, HandoverError, HANDOVER_ENV};
 use vmmd::sys::fd::monotonic_ns;
@@ -181,8 +181,6 @@ impl Inheritance {
         let console = ConsoleHandover::inherited(
             spec.clone(),
             |name| self.dup(name),
-            Vec::new(),
-            Vec::new(),
             h.console_pty_path.clone(),
         );
         let vfio_fds = self

@@ -3,7 +3,7 @@
 //! Without it, cpr-exec pauses the guest, saves, `execve`s, and the new process builds its VM
 //! (memory slots, irqchip, vCPUs) before it can load the state: all of that is inside the pause.
 //! With it, the old process moves its vCPU loops, its console loop and a control loop into
-//! continuation children (`CLONE_VM`, see [`super::continuation`]) that share its address space and
+//! continuation children (`CLONE_VM`, see [`crate::sys::continuation`]) that share its address space and
 //! so survive the `execve`; the guest pauses only for that move (well under a millisecond). The new
 //! process starts and builds its VM while the guest runs, then asks the bridge for it over the
 //! control socket: the bridge stops its vCPUs, writes the state file and answers with a

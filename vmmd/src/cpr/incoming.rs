@@ -9,7 +9,7 @@ use tracing::{info, warn};
 use super::bridge::{self, BridgeError};
 use super::exec::process;
 use super::CprError;
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::migration::POPULATE_CHUNK;
 use crate::state::handover::{fd_names, LegacyDeviceState};
 use crate::sys::fd::monotonic_ns;
@@ -111,7 +111,7 @@ impl Vm {
         if let Some(c) = self.console.as_mut() {
             // What the previous process had not delivered goes out first, then what the guest
             // wrote since the resume.
-            if let Err(e) = c.start_deferred(&console.output, console.input) {
+            if let Err(e) = c.start_deferred(&console) {
                 warn!(error = %e, "cannot start the console after the take-over; guest output stays buffered");
             }
         }

@@ -15,7 +15,6 @@
 //! The load itself (state file → VM) is the same for every mode: `crate::migration`.
 
 pub mod bridge;
-pub mod continuation;
 pub mod error;
 pub mod exec;
 pub mod handover;

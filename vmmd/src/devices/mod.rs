@@ -1,6 +1,5 @@
 //! Emulated devices and the port-I/O bus the vCPU threads dispatch to.
 
-pub mod console;
 pub mod pci;
 pub mod pm;
 pub mod serial;

@@ -5,7 +5,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::console::ConsoleWriter;
+use crate::console::ConsoleWriter;
 use crate::persist::Persist;
 
 /// First port of COM1.

@@ -9,7 +9,7 @@ use cpr_common::MigrationMode;
 use tracing::warn;
 
 use super::{MigrationError, UNMAP_CHUNK};
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::state::SavedRunState;
 use crate::vm::{MigrationReport, PhaseClock, Vm};
 

@@ -8,7 +8,7 @@ use cpr_common::MigrationMode;
 use tracing::warn;
 
 use super::{guest_bytes, MigrationError, PROGRESS_EVERY, RAM_CHUNK};
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::state::SavedRunState;
 use crate::vm::{runstate, MigrationReport, MigrationStatus, PhaseClock, RunEvent, Step, Vm};
 

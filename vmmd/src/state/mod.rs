@@ -11,7 +11,7 @@ pub mod handover;
 pub mod kvm;
 pub mod versions;
 
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::devices::pm::PmState;
 use crate::devices::serial::UartState;
 use crate::memory::RamRegion;

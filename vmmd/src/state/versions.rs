@@ -12,7 +12,7 @@ use cpr_common::state::STATE_FORMAT_VERSION;
 
 use super::handover::{LegacyDeviceState, VfioMsiState};
 use super::{DevicesState, KvmVmState, SavedRunState, VmState};
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::devices::pm::PmState;
 use crate::devices::serial::UartState;
 use crate::memory::RamRegion;

@@ -17,7 +17,7 @@ use super::{
     VmError, CONSOLE_BUFFER,
 };
 use crate::boot::pvh;
-use crate::devices::console::{Console, ConsoleHandover};
+use crate::console::{Console, ConsoleHandover};
 use crate::devices::pci::PciBus;
 use crate::devices::pm::PmDevice;
 use crate::devices::serial::{SerialDevice, COM1_GSI};
@@ -151,11 +151,9 @@ impl VmBuilder {
             Some(i) => {
                 vfio_fds = i.vfio_fds;
                 let ram = GuestRam::inherited(i.ram, &config.memory)?;
-                let console = match i.bridge {
-                    // The bridge serves the console until the take-over.
-                    Some(_) => Console::resume_deferred(i.console, CONSOLE_BUFFER)?,
-                    None => Console::resume(i.console, CONSOLE_BUFFER)?,
-                };
+                // The console starts once the state, with its undelivered bytes, is loaded (with
+                // the bridge, the previous process serves these fds until the take-over).
+                let console = Console::resume_deferred(i.console, CONSOLE_BUFFER)?;
                 let ctx = InheritedContext {
                     handover: i.handover,
                     held: Vec::new(),

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use cpr_common::{MigrationUri, UriError};
 
-use crate::devices::console::SerialBackendSpec;
+use crate::console::SerialBackendSpec;
 use crate::memory::MemorySpec;
 use crate::vfio::VfioConfig;
 

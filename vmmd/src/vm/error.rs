@@ -2,7 +2,7 @@
 
 use super::RunState;
 use crate::boot::pvh::BootError;
-use crate::devices::console::ConsoleError;
+use crate::console::ConsoleError;
 use crate::devices::serial::SerialError;
 use crate::memory::MemoryError;
 use crate::state::KvmVmError;

@@ -28,7 +28,7 @@ pub use runstate::{RunEvent, RunState, Step};
 pub use status::UpdateStatus;
 
 use crate::boot::pvh;
-use crate::devices::console::Console;
+use crate::console::Console;
 use crate::devices::{Devices, GuestRequest};
 use crate::memory::GuestRam;
 use crate::state::handover::{BridgeReply, CprHandover};

@@ -6,14 +6,14 @@ use cpr_common::state::encode_meta;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use super::{lock, MigrationReport, Vm, VmError, VERSION};
-use crate::devices::console::ConsoleState;
+use crate::console::ConsoleState;
 use crate::devices::pm::PmDevice;
 use crate::devices::serial::SerialDevice;
 use crate::devices::Devices;
 use crate::memory::RamRegion;
 use crate::persist::Persist;
 use crate::state::{DevicesState, KvmVm, SavedRunState, VmState};
-use crate::vcpu;
+use crate::vcpu::{self, Vcpu, VcpuArgs};
 use crate::vfio::device::PassthroughDevice;
 use crate::vfio::VfioError;
 
@@ -43,7 +43,7 @@ impl SnapshotSource<'_> {
     ) -> Result<VmState, VmError> {
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
         for (id, fd) in self.vcpu_fds.iter().enumerate() {
-            vcpus.push(vcpu::save_state(&lock(fd), id as u8, self.msr_indices)?);
+            vcpus.push(Vcpu::new(&lock(fd), id as u8, self.msr_indices).save()?);
         }
         let vfio = self
             .devices
@@ -108,7 +108,13 @@ impl Vm {
     pub(crate) fn restore_state(&mut self, state: &VmState) -> Result<(), VmError> {
         KvmVm::restore(&self.vm_fd, &state.vm)?;
         for (fd, s) in self.vcpus.fds.iter().zip(&state.vcpus) {
-            vcpu::restore_state(&lock(fd), s)?;
+            let fd = lock(fd);
+            // Which MSRs later saves read is probed below, once the CPUIDs are set.
+            let args = VcpuArgs {
+                fd: &fd,
+                msr_indices: &[],
+            };
+            Vcpu::restore(args, s)?;
         }
         self.msr_indices = vcpu::saveable_msrs(&self.kvm, &lock(&self.vcpus.fds[0]))?;
         {

@@ -23,12 +23,12 @@ use cpr_common::state::{write_state_without_ram, StateFileError};
 use tracing::warn;
 
 use super::{Compensation, Compensations};
+use crate::console::{Console, ConsoleState};
 use crate::cpr::bridge;
-use crate::cpr::continuation::Continuation;
 use crate::cpr::CprError;
-use crate::devices::console::{Console, ConsoleState};
 use crate::state::handover::{fd_names, BridgeReply, BridgedEvent};
 use crate::state::SavedRunState;
+use crate::sys::continuation::Continuation;
 use crate::sys::fd::monotonic_ns;
 use crate::vcpu::VcpuControl;
 use crate::vm::snapshot::SnapshotSource;
@@ -285,9 +285,9 @@ impl BridgeView {
         let t = lap(&mut reply.phases, "bridge-pause", paused_at_ns);
         let mut console = self.console_kept.borrow_mut().take().unwrap_or_default();
         if let Some(c) = self.console {
-            let (out, input) = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
-            console.output.extend_from_slice(&out);
-            console.input.extend_from_slice(&input);
+            let now = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
+            console.output.extend_from_slice(&now.output);
+            console.input.extend_from_slice(&now.input);
         }
         let written = self
             .snapshot

@@ -23,8 +23,8 @@ use tracing::warn;
 use super::process::AddressSpaceKeeper;
 use super::{Compensation, Compensations};
 use crate::cpr::CprError;
-use crate::devices::console::ConsoleState;
 use crate::migration::UNMAP_CHUNK;
+use crate::persist::Persist;
 use crate::state::handover::fd_names;
 use crate::state::SavedRunState;
 use crate::sys::fd::monotonic_ns;
@@ -110,16 +110,17 @@ impl Vm {
             return VmError::Internal("the console is missing").into();
         };
         let console = console.quiesce();
-        let console_state = ConsoleState {
-            output: console.pending_out.clone(),
-            input: console.pending_in.clone(),
+        let console_state = match console.save() {
+            Ok(s) => s,
+            Err(e) => return VmError::from(e).into(),
         };
         let console_fds: Vec<(String, i32)> = console
+            .handover()
             .named_fds()
             .into_iter()
             .map(|(n, fd)| (n.to_string(), fd))
             .collect();
-        let console_pty = console.pty_path.clone();
+        let console_pty = console.handover().pty_path.clone();
         undo.push(Compensation::ResumeConsole(console));
 
         // Save. The file only has to outlive the exec on this host: no fsync inside the pause.

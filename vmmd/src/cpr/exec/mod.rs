@@ -21,9 +21,9 @@ use std::path::Path;
 use tracing::warn;
 
 use super::CprError;
-use crate::devices::console::{Console, ConsoleHandover};
+use crate::console::{Console, StoppedConsole};
 use crate::state::SavedRunState;
-use crate::vm::{MigrationReport, PhaseClock, UpdateStatus, Vm, VmError, CONSOLE_BUFFER};
+use crate::vm::{MigrationReport, PhaseClock, UpdateStatus, Vm, VmError};
 
 /// Undoes one step of an update that did not reach its `execve`.
 pub(crate) enum Compensation {
@@ -32,7 +32,7 @@ pub(crate) enum Compensation {
     /// The VFIO DMA host addresses were invalidated: make them valid again.
     RestoreVfioAddresses,
     /// The console was stopped and its fds handed over: serve again with what it had.
-    ResumeConsole(ConsoleHandover),
+    ResumeConsole(StoppedConsole),
     /// The console loop moved into the bridge: bring it back.
     ConsoleFromBridge,
     /// The vCPU loops moved into the bridge: park them there and bring them back.
@@ -96,7 +96,7 @@ impl Compensate<Vm> for Compensation {
                 }
             }
             Compensation::ResumeConsole(h) => {
-                vm.console = Some(Console::resume(h, CONSOLE_BUFFER).map_err(VmError::from)?);
+                vm.console = Some(Console::resume(h).map_err(VmError::from)?);
             }
             Compensation::ConsoleFromBridge => {
                 if let Some(c) = &vm.console {

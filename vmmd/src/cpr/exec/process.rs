@@ -18,9 +18,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::cpr::continuation::clone_vm;
-pub use crate::cpr::continuation::reap;
 use crate::state::handover::{fd_names, CprHandover, HandoverError, HANDOVER_ENV};
+use crate::sys::continuation::clone_vm;
+pub use crate::sys::continuation::reap;
 use crate::sys::fd::set_cloexec;
 
 /// Why a cpr-exec step failed. Before `execve` succeeds, the guest keeps running on this binary.

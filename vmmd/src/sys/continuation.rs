@@ -3,8 +3,8 @@
 //! `execve` kills every thread of the process but the caller. A task created with `CLONE_VM` and
 //! without `CLONE_THREAD` is a separate process that shares the address space: the exec only drops
 //! the process's reference to it, and the child goes on running the old binary's code on the old
-//! memory. vmmd uses that to keep the guest running while the new binary starts (see
-//! [`crate::cpr::bridge`]).
+//! memory. vmmd uses that to keep the guest running while the new binary starts (the cpr-exec
+//! bridge, `cpr::bridge`); [`super::relocate`] moves a thread's loop into one.
 //!
 //! The child is a *continuation* of the thread that creates it: it keeps that thread's TLS (glibc's
 //! thread pointer is not changed without `CLONE_SETTLS`), so the thread must not run any code that
@@ -15,7 +15,7 @@
 use std::os::fd::RawFd;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Stack of a continuation: the vCPU loop, the console loop and the state save run on it.
 const STACK_BYTES: usize = 2 << 20;
@@ -50,22 +50,12 @@ impl<T> ResultSlot<T> {
     /// Takes the result once the continuation has left it, waiting at most `timeout`. For tasks
     /// other than the creating thread (which uses [`Continuation::wait`]).
     pub fn take_within(&self, timeout: Duration) -> Option<T> {
-        let deadline = Instant::now() + timeout;
-        let mut v = self.value.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(x) = v.take() {
-                return Some(x);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return None;
-            }
-            v = self
-                .ready
-                .wait_timeout(v, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        let v = self.value.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mut v, _) = self
+            .ready
+            .wait_timeout_while(v, timeout, |v| v.is_none())
+            .unwrap_or_else(PoisonError::into_inner);
+        v.take()
     }
 }
 

@@ -131,9 +131,11 @@ pub fn fd_count(pid: u32) -> usize {
 }
 
 /// Open fds of `pid` once transient ones (API connections being closed) are gone: the smallest
-/// count over half a second.
+/// count over two seconds.
 pub fn quiet_fd_count(pid: u32) -> usize {
-    (0..10)
+    // Up to 2 s: on a loaded machine the last update's bridge processes (whose pidfds the new
+    // process holds until they have exited) can take a while to tear the old address space down.
+    (0..40)
         .map(|i| {
             if i > 0 {
                 std::thread::sleep(Duration::from_millis(50));

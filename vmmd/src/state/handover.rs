@@ -99,8 +99,9 @@ pub struct LegacyDeviceState {
     pub vfio_msi: Vec<VfioMsiState>,
 }
 
-/// The version-2 layout, as the previous release wrote it.
+/// The version-2 layout, as the previous release wrote it (frozen; tests write it too).
 #[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct CprHandoverV2 {
     fds: Vec<(String, i32)>,
     state_path: PathBuf,
@@ -330,8 +331,9 @@ pub struct BridgeReply {
     pub legacy: Option<LegacyDeviceState>,
 }
 
-/// The version-1 reply, as the previous release's bridge writes it.
+/// The version-1 reply, as the previous release's bridge writes it (frozen; tests write it too).
 #[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct BridgeReplyV1 {
     saved: Result<(), String>,
     paused_at_ns: u64,
@@ -454,26 +456,6 @@ mod tests {
         assert!(CprHandover::decode(&bytes[..bytes.len() - 1]).is_err());
     }
 
-    /// The previous release's layout, written field by field as it serialized it.
-    #[derive(serde::Serialize)]
-    struct WrittenV2 {
-        fds: Vec<(String, i32)>,
-        state_path: PathBuf,
-        paused_at_ns: u64,
-        exec_at_ns: u64,
-        phases: Vec<(String, u64)>,
-        rollback_argv: Vec<String>,
-        console_pending_out: Vec<u8>,
-        console_pending_in: Vec<u8>,
-        console_pty_path: Option<PathBuf>,
-        from_version: String,
-        generation: u64,
-        rollback_reason: Option<String>,
-        address_space_keeper: Option<i32>,
-        vfio_model_containers: Vec<u32>,
-        vfio_msi: Vec<VfioMsiState>,
-    }
-
     #[test]
     fn a_version_2_hand_over_is_read_with_its_device_parts() {
         let h = sample();
@@ -485,7 +467,7 @@ mod tests {
             data: 0x22,
             mask: 0,
         };
-        let v2 = WrittenV2 {
+        let v2 = CprHandoverV2 {
             fds: h.fds.clone(),
             state_path: h.state_path.clone(),
             paused_at_ns: 1,
@@ -531,16 +513,7 @@ mod tests {
         };
         let bytes = reply.encode().expect("encode");
         assert_eq!(BridgeReply::decode(&bytes).expect("decode"), reply);
-        #[derive(serde::Serialize)]
-        struct WrittenV1 {
-            saved: Result<(), String>,
-            paused_at_ns: u64,
-            phases: Vec<(String, u64)>,
-            console_pending_out: Vec<u8>,
-            console_pending_in: Vec<u8>,
-            guest_events: Vec<BridgedEvent>,
-        }
-        let v1 = WrittenV1 {
+        let v1 = BridgeReplyV1 {
             saved: Ok(()),
             paused_at_ns: 5,
             phases: reply.phases.clone(),

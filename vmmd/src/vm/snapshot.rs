@@ -127,15 +127,20 @@ impl Vm {
             if let Some(router) = &self.msi_router {
                 let mut pci = self.devices.pci();
                 let mut devices = Vec::new();
+                let mut wired = Ok(());
                 for (i, dev) in pci.take_devices().into_iter().enumerate() {
                     let mut dev = match state.devices.vfio.get(i) {
                         Some(saved) => PassthroughDevice::restore(dev, saved).unwrap_or_else(never),
                         None => dev,
                     };
-                    dev.wire(router.clone()).map_err(VfioError::from)?;
+                    if wired.is_ok() {
+                        wired = dev.wire(router.clone());
+                    }
                     devices.push(dev);
                 }
+                // Every device goes back on the bus, wired or not: a rollback hands them all on.
                 pci.put_devices(devices);
+                wired.map_err(VfioError::from)?;
             }
         }
         Ok(())

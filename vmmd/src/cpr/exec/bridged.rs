@@ -45,7 +45,6 @@ impl Vm {
         saved: SavedRunState,
         previous: &OwnedFd,
         clock: &mut PhaseClock,
-        _report: &mut MigrationReport,
     ) -> CprError {
         let mut undo = Compensations::default();
         let err = self.bridged_steps(path, saved, previous, clock, &mut undo);

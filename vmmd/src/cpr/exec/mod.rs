@@ -150,7 +150,7 @@ impl Vm {
         let mut clock = PhaseClock::new();
         // VFIO DMA must be invalidated with the guest stopped for the whole exec: no bridge then.
         let err = if self.config.cpr_exec_bridge && self.vfio.is_none() {
-            self.exec_bridged(path, saved, &previous, &mut clock, &mut report)
+            self.exec_bridged(path, saved, &previous, &mut clock)
         } else {
             self.exec_classic(path, saved, previous, &mut clock, &mut report)
         };

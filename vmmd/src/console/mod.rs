@@ -412,22 +412,43 @@ impl Console {
     /// (the guest output and input it had not delivered), for the successor's console. The fds
     /// stay open for the successor.
     pub fn finish_bridge(&self, timeout: Duration) -> ConsoleState {
+        self.begin_finish_bridge().complete(timeout)
+    }
+
+    /// The first half of [`Console::finish_bridge`]: asks the continuation to stop, without
+    /// waiting, so that its stop overlaps other work (the vCPUs' pause); guest output written
+    /// meanwhile stays in the buffer and is taken by [`BridgeFinish::complete`].
+    pub fn begin_finish_bridge(&self) -> BridgeFinish<'_> {
+        BridgeFinish {
+            console: self,
+            slot: self.shared.relocation.ask_finish(|| self.shared.signal()),
+        }
+    }
+}
+
+/// A console whose bridge continuation was asked to stop ([`Console::begin_finish_bridge`]).
+pub struct BridgeFinish<'a> {
+    console: &'a Console,
+    slot: Option<Arc<crate::sys::continuation::ResultSlot<Worker>>>,
+}
+
+impl BridgeFinish<'_> {
+    /// Waits at most `timeout` for the continuation to stop and returns the state it stopped in.
+    pub fn complete(self, timeout: Duration) -> ConsoleState {
         let mut input = Vec::new();
-        if let Some(worker) = self
-            .shared
-            .relocation
-            .finish(timeout, || self.shared.signal())
-        {
+        if let Some(worker) = self.slot.and_then(|s| s.take_within(timeout)) {
             input = worker.pending_input();
             // Its fds are the successor's now: this copy of them closes with the bridge.
             std::mem::forget(worker);
         }
         ConsoleState {
-            output: self.shared.out().take_all(),
+            output: self.console.shared.out().take_all(),
             input,
         }
     }
+}
 
+impl Console {
     /// A cheap clonable handle the UART writes guest output to.
     pub fn writer(&self) -> ConsoleWriter {
         ConsoleWriter {

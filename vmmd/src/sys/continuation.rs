@@ -42,7 +42,7 @@ impl<T> ResultSlot<T> {
         })
     }
 
-    fn put(&self, v: T) {
+    pub(super) fn put(&self, v: T) {
         *self.value.lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
         self.ready.notify_all();
     }

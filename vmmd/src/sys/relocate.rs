@@ -236,6 +236,12 @@ impl<T> Relocation<T> {
     /// finish, wakes it with `wake`, and takes its result, waiting at most `timeout`. None when no
     /// loop was away or none left a result in time.
     pub fn finish(&self, timeout: Duration, wake: impl FnOnce()) -> Option<T> {
+        self.ask_finish(wake).and_then(|s| s.take_within(timeout))
+    }
+
+    /// The first half of [`Relocation::finish`]: asks the loop to finish and wakes it, without
+    /// waiting; the returned slot yields its result. None when no loop was away.
+    pub fn ask_finish(&self, wake: impl FnOnce()) -> Option<Arc<ResultSlot<T>>> {
         let slot = {
             let inner = self.lock();
             if !self.is_away() {
@@ -245,7 +251,7 @@ impl<T> Relocation<T> {
             inner.slot.clone()
         };
         wake();
-        slot.and_then(|s| s.take_within(timeout))
+        slot
     }
 }
 
@@ -297,7 +303,14 @@ impl<T: Send + 'static> Relocation<T> {
         self.moved.fetch_add(1, Ordering::AcqRel);
         self.changed.notify_all();
         drop(inner);
-        let result = child.wait();
+        let mut result = child.wait();
+        // Asked to finish while this thread still lives (tests; after an exec it is gone): the
+        // result is the controller's, whichever of the two got to the slot first.
+        if self.asked() == Ask::Finish {
+            if let Some(v) = result.take() {
+                mine.put(v);
+            }
+        }
         drop(keep);
         on_move(None);
         let mut inner = self.lock();

@@ -261,8 +261,9 @@ impl BridgeView {
         }
     }
 
-    /// Stops the guest, takes the console's undelivered bytes, writes the state to `path`, and
-    /// answers with the guest events the bridge saw. A failed save lets the guest run on.
+    /// Stops the guest and the console's continuation (at once), takes the console's undelivered
+    /// bytes, writes the state to `path`, and answers with the guest events the bridge saw. A
+    /// failed save lets the guest run on (its console bytes are kept for the next try).
     fn take_over(&self, path: &Path, saved: SavedRunState) -> BridgeReply {
         let paused_at_ns = monotonic_ns();
         let mut reply = BridgeReply {
@@ -272,7 +273,18 @@ impl BridgeView {
             guest_events: Vec::new(),
             legacy: None,
         };
-        if let Err(e) = self.control.pause(self.vcpus, PAUSE_TIMEOUT) {
+        // The console's continuation stops while the vCPUs park; output written meanwhile stays
+        // in its buffer and is taken below.
+        let finishing = self.console.map(Console::begin_finish_bridge);
+        let paused = self.control.pause(self.vcpus, PAUSE_TIMEOUT);
+        let mut console = self.console_kept.borrow_mut().take().unwrap_or_default();
+        if let Some(f) = finishing {
+            let now = f.complete(BRIDGE_MOVE_TIMEOUT);
+            console.output.extend_from_slice(&now.output);
+            console.input.extend_from_slice(&now.input);
+        }
+        if let Err(e) = paused {
+            *self.console_kept.borrow_mut() = Some(console);
             reply.saved = Err(e.to_string());
             return reply;
         }
@@ -282,12 +294,6 @@ impl BridgeView {
             now
         };
         let t = lap(&mut reply.phases, "bridge-pause", paused_at_ns);
-        let mut console = self.console_kept.borrow_mut().take().unwrap_or_default();
-        if let Some(c) = self.console {
-            let now = c.finish_bridge(BRIDGE_MOVE_TIMEOUT);
-            console.output.extend_from_slice(&now.output);
-            console.input.extend_from_slice(&now.input);
-        }
         let written = self
             .snapshot
             .encode(saved, console.clone(), &mut MigrationReport::default())

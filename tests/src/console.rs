@@ -159,11 +159,12 @@ impl Console {
 
     /// Sends a one-byte guest command and returns its answer line.
     ///
-    /// `v` → `VERIFY ...`, `c` → `COUNTERS ...`, `s` → `SUSPEND`, `q` → `POWEROFF`.
+    /// `v` → `VERIFY ...`, `c` → `COUNTERS ...`, `g` → `GAPS RESET`, `s` → `SUSPEND`, `q` → `POWEROFF`.
     pub fn command(&mut self, cmd: u8) -> String {
         let prefix = match cmd {
             b'v' => "VERIFY",
             b'c' => "COUNTERS",
+            b'g' => "GAPS RESET",
             b's' => "SUSPEND",
             b'q' => "POWEROFF",
             other => panic!("unknown guest command {:?}", other as char),
@@ -197,6 +198,11 @@ impl Console {
             .map(|l| l.heartbeats_before)
             .expect("the answer line is in the record");
         (counters, received)
+    }
+
+    /// Sends `g`: the guest forgets the largest gaps it saw (`Counters::maxgap_us`).
+    pub fn reset_gaps(&mut self) {
+        self.command(b'g');
     }
 
     /// Sends `v` and parses the VERIFY line.

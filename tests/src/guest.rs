@@ -81,7 +81,8 @@ impl Ready {
     }
 }
 
-/// `COUNTERS hb=<dec> cpus=<n> iters=<a>,<b>,... fails=<dec> suspends=<dec> seed=<16 hex>`.
+/// `COUNTERS hb=<dec> cpus=<n> iters=<a>,<b>,... maxgap_us=<a>,<b>,... fails=<dec> suspends=<dec>
+/// seed=<16 hex>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counters {
     /// Heartbeats emitted since boot.
@@ -90,6 +91,9 @@ pub struct Counters {
     pub cpus: u32,
     /// Work-loop iterations per vCPU.
     pub iters: Vec<u64>,
+    /// Per vCPU, the largest gap the guest's own TSC saw between two loop iterations since boot
+    /// or the last `g` (µs); empty from a guest too old to report it.
+    pub maxgap_us: Vec<u64>,
     /// Failures the guest detected.
     pub fails: u64,
     /// Times the guest suspended.
@@ -102,19 +106,25 @@ impl Counters {
     /// Parses a COUNTERS line.
     pub fn parse(line: &str) -> Result<Self, ParseError> {
         let f = fields(line, "COUNTERS")?;
-        let iters_text = f.get("iters").ok_or(ParseError::Missing("iters"))?;
-        let iters = iters_text
-            .split(',')
-            .map(str::parse)
-            .collect::<Result<Vec<u64>, _>>()
-            .map_err(|_| ParseError::Value {
-                field: "iters",
-                value: (*iters_text).to_owned(),
-            })?;
+        let list = |name: &'static str, text: &str| {
+            text.split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<u64>, _>>()
+                .map_err(|_| ParseError::Value {
+                    field: name,
+                    value: text.to_owned(),
+                })
+        };
+        let iters = list("iters", f.get("iters").ok_or(ParseError::Missing("iters"))?)?;
+        let maxgap_us = match f.get("maxgap_us") {
+            Some(text) => list("maxgap_us", text)?,
+            None => Vec::new(),
+        };
         Ok(Self {
             hb: field(&f, "hb")?,
             cpus: field(&f, "cpus")?,
             iters,
+            maxgap_us,
             fails: field(&f, "fails")?,
             suspends: field(&f, "suspends")?,
             seed: hex_field(&f, "seed")?,

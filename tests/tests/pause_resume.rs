@@ -65,3 +65,39 @@ fn pause_of_a_vm_waiting_for_migration_is_refused() {
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
     assert_eq!(vmm.api().run_state(), RunState::Inmigrate);
 }
+
+/// The guest's own clock (its largest TSC gap between two loop iterations, per vCPU) sees a pause
+/// as the stall it is, and `g` makes it forget.
+#[test]
+fn the_guest_measures_a_pause_as_its_largest_gap() {
+    const PAUSE: Duration = Duration::from_secs(1);
+    let pause_us = PAUSE.as_micros() as u64;
+    let (vmm, mut console, _) = VmmdProcess::boot(VmmdOptions::new(2, "64M"));
+    console.reset_gaps();
+    let quiet = console.counters();
+    assert_eq!(quiet.maxgap_us.len(), 2, "{quiet:?}");
+    assert!(
+        quiet.maxgap_us.iter().all(|&g| g > 0 && g < pause_us),
+        "gaps while running: {quiet:?}"
+    );
+
+    assert_eq!(vmm.api().pause().expect("Pause"), RunState::Paused);
+    std::thread::sleep(PAUSE);
+    assert_eq!(vmm.api().resume().expect("Resume"), RunState::Running);
+    let paused = console.counters();
+    for (cpu, &gap) in paused.maxgap_us.iter().enumerate() {
+        assert!(
+            gap >= pause_us * 9 / 10,
+            "vCPU {cpu} saw at most {gap} us standing still across a {PAUSE:?} pause: {paused:?}"
+        );
+    }
+    paused.assert_continues(&quiet);
+
+    console.reset_gaps();
+    let after = console.counters();
+    assert!(
+        after.maxgap_us.iter().all(|&g| g < pause_us),
+        "the gaps were not reset: {after:?}"
+    );
+    console.verify().expect_ok();
+}

@@ -699,6 +699,9 @@ impl Timeline {
 #[derive(Debug, Default, Serialize)]
 struct UpdateSample {
     blackout_ms: f64,
+    /// The guest's own largest stall (TSC gap between two loop iterations, any vCPU) from just
+    /// before the update to after the brownout window: a figure no host-side reader distorts.
+    guest_stall_ms: f64,
     vmmd_pause_ms: f64,
     total_ms: f64,
     phases_ms: BTreeMap<String, f64>,
@@ -738,6 +741,7 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<(Value, Timeline)> {
     let mut timeline = Timeline::default();
     for n in 1..=args.updates {
         let pre = brownout_window(&mut console, args)?;
+        console.reset_gaps();
         let from = Instant::now();
         let report = update_in_process(&vmm.api_socket, &UpdateArgs::new(binary.clone()))
             .map_err(|f| anyhow::anyhow!("update {n}: {f}; report {:?}", f.report))?;
@@ -748,8 +752,10 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<(Value, Timeline)> {
             "no heartbeats after update {n}"
         );
         let hb = heartbeat_times(&console);
+        let stall_us = console.counters().maxgap_us.into_iter().max().unwrap_or(0);
         let sample = UpdateSample {
             blackout_ms: ms(console.max_heartbeat_gap_across(from, to)),
+            guest_stall_ms: round3(stall_us as f64 / 1e3),
             vmmd_pause_ms: round3(report.vmmd_pause_micros.unwrap_or(0) as f64 / 1e3),
             total_ms: round3(report.total_micros as f64 / 1e3),
             phases_ms: report
@@ -760,9 +766,10 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<(Value, Timeline)> {
             brownout: brownout_of(&hb, &pre, from, to, &post),
         };
         eprintln!(
-            "cpr-bench:   {size} update {n}/{}: blackout {:.2} ms, vmmd pause {:.2} ms, total {:.1} ms{}",
+            "cpr-bench:   {size} update {n}/{}: blackout {:.2} ms, guest stall {:.2} ms, vmmd pause {:.2} ms, total {:.1} ms{}",
             args.updates,
             sample.blackout_ms,
+            sample.guest_stall_ms,
             sample.vmmd_pause_ms,
             sample.total_ms,
             brownout_note(sample.brownout.as_ref())
@@ -793,6 +800,7 @@ fn cpr_exec_size(size: &str, args: &Args) -> Result<(Value, Timeline)> {
             "memory_bytes": cpr_common::size::parse_size(size)?,
             "steady_state_gaps_ms": steady,
             "blackout_ms": field_stats_of(&samples, |s| s.blackout_ms),
+            "guest_stall_ms": field_stats_of(&samples, |s| s.guest_stall_ms),
             "vmmd_pause_ms": field_stats_of(&samples, |s| s.vmmd_pause_ms),
             "update_total_ms": field_stats_of(&samples, |s| s.total_ms),
             "phases_ms": phases.iter().map(|(k, v)| (k.clone(), stats(v))).collect::<BTreeMap<_, _>>(),

@@ -8,7 +8,7 @@ use crate::fpu::Fpu;
 use crate::memory::{self, Layout};
 use crate::pm::Pm;
 use crate::report::{self, What};
-use crate::smp::{ITERS, ONLINE};
+use crate::smp::{note_gap, ITERS, MAX_GAP, ONLINE};
 use crate::time::ticks_per_ms;
 use crate::uart::{getc_if_ready, line, putc};
 use crate::MAX_CPUS;
@@ -85,6 +85,7 @@ impl Bsp {
     pub fn run(mut self) -> ! {
         let mut iter = 0u64;
         let mut printed = 0u64; // failures printed so far (cursor into the failure log)
+        let mut prev = rdtsc();
         loop {
             arena::step(0, iter, self.seed);
             self.fpu.check_and_advance();
@@ -92,8 +93,12 @@ impl Bsp {
             report::print_new(&mut printed);
             self.fpu.hold(self.hb.remaining(rdtsc()));
             // Input is polled once per heartbeat, with the line status the heartbeat read.
-            if let Some(byte) = self.hb.tick().and_then(getc_if_ready) {
+            let byte = self.hb.tick().and_then(getc_if_ready);
+            note_gap(0, &mut prev);
+            if let Some(byte) = byte {
                 self.command(byte);
+                // The answer's own time is not a stall.
+                prev = rdtsc();
             }
             iter += 1;
             ITERS[0].store(iter, Release);
@@ -113,6 +118,7 @@ impl Bsp {
         match byte {
             b'v' => self.verify(),
             b'c' => self.counters(),
+            b'g' => self.reset_gaps(),
             b'd' => edu::check(self.seed, &mut self.hb),
             b's' => self.suspend(),
             b'q' => self.poweroff(),
@@ -169,6 +175,14 @@ impl Bsp {
             }
             l = l.dec(iters.load(Acquire));
         }
+        l = l.s(" maxgap_us=");
+        let per_us = (ticks_per_ms() / 1000).max(1);
+        for (cpu, gap) in MAX_GAP.iter().enumerate().take(self.cpus) {
+            if cpu > 0 {
+                l = l.s(",");
+            }
+            l = l.dec(gap.load(Relaxed) / per_us);
+        }
         l.s(" fails=")
             .dec(report::count())
             .s(" suspends=")
@@ -176,6 +190,14 @@ impl Bsp {
             .s(" seed=")
             .hex(self.seed)
             .end();
+    }
+
+    /// `g`: forgets the largest gaps seen so far (`maxgap_us` in COUNTERS starts again).
+    fn reset_gaps(&mut self) {
+        for gap in &MAX_GAP {
+            gap.store(0, Relaxed);
+        }
+        line().s("GAPS RESET").end();
     }
 
     /// `s`: S3 through PM1a_CNT; under vmmd execution continues here once woken.

@@ -43,6 +43,18 @@ pub const AP_SLEEP_US: u64 = 800;
 pub static SEED: AtomicU64 = AtomicU64::new(0);
 /// Iterations completed by each CPU's loop.
 pub static ITERS: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// Each CPU's largest TSC gap between two consecutive loop iterations, in ticks, since boot or the
+/// last `g` command: the guest's own view of how long it stood still (a VMM pause, a host stall).
+/// Time the BSP spends answering a command is not counted.
+pub static MAX_GAP: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+
+/// Records the gap since `*prev` (a TSC reading) for `cpu` and moves `*prev` to now.
+pub fn note_gap(cpu: usize, prev: &mut u64) {
+    let now = rdtsc();
+    MAX_GAP[cpu].fetch_max(now.wrapping_sub(*prev), Relaxed);
+    *prev = now;
+}
+
 /// CPUs that have checked in (set by each AP once its arena is ready; the BSP is always online).
 pub static ONLINE: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 static CHECKED_IN: AtomicUsize = AtomicUsize::new(0);
@@ -155,6 +167,7 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
         lapic_write(LAPIC_LVT_TIMER, TIMER_VECTOR); // one-shot, unmasked
     }
     let mut iter = 0u64;
+    let mut prev = rdtsc();
     loop {
         arena::step(cpu, iter, seed);
         fpu.check_and_advance();
@@ -164,5 +177,6 @@ pub extern "C" fn ap_main(cpu: u32) -> ! {
         }
         iter += 1;
         ITERS[cpu].store(iter, Release);
+        note_gap(cpu, &mut prev);
     }
 }

@@ -21,4 +21,4 @@ pub use console::Console;
 pub use dir::TestDir;
 pub use guest::{Counters, Ready, Verify};
 pub use vmmd::{VmmdOptions, VmmdProcess};
-pub use vmmd_proto::v1::{MigrationInfo, MigrationMode, MigrationStatus, RunState};
+pub use vmmd_proto::v1::{MigrationInfo, MigrationMode, MigrationStatus, RunState, UpdateState};

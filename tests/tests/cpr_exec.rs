@@ -14,7 +14,8 @@ use cpr_tests::cpr::{
 };
 use cpr_tests::smaps::process_rss_excluding_guest_ram;
 use cpr_tests::{
-    Console, Counters, MigrationMode, RunState, TestDir, Verify, VmmdOptions, VmmdProcess,
+    Console, Counters, MigrationMode, RunState, TestDir, UpdateState, Verify, VmmdOptions,
+    VmmdProcess,
 };
 use cprctl::update::{new_command_line, Load, UpdateArgs};
 
@@ -482,34 +483,89 @@ fn the_bridge_needs_no_writable_state_file() {
 }
 
 #[test]
-fn a_new_binary_that_exits_at_once_leaves_the_guest_in_the_state_file() {
-    // /bin/true is an ELF that vmmd's own checks let through (straight through the API, without
-    // cprctl's preflight): it exits without taking the guest over. The bridge then stops the
-    // guest and writes the state file, and a fresh vmmd on the same RAM file resumes the guest.
+fn a_new_binary_that_dies_before_the_take_over_is_rolled_back_by_the_bridge() {
+    // ELFs that vmmd's own checks let through (straight through the API, without cprctl's
+    // preflight) and that die without taking the guest over: an exit, a SIGKILL, a crash before
+    // any handler of ours exists. Each time the bridge runs the previous binary again (a new pid:
+    // the old one is gone), which takes the guest over from the bridge; the guest never stops and
+    // keeps its console connection.
     let mut g = boot(1, "64M", true);
-    let before = g.console.counters();
+    let generation = g.generation();
     let state = g.dir.join("direct.state");
-    let _ = migrate_directly(&g, Path::new("/bin/true"), &[]);
-    assert!(
-        g.vmm.wait_exit(Duration::from_secs(30)).is_some(),
-        "the process exec'd into /bin/true did not exit"
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&state).map_or(0, |m| m.len()) == 0 {
-        assert!(Instant::now() < deadline, "the bridge wrote no state file");
-        std::thread::sleep(Duration::from_millis(20));
+    let deaths: [(&str, Vec<String>); 3] = [
+        ("exit", vec!["/bin/true".into()]),
+        (
+            "SIGKILL",
+            vec!["/bin/sh".into(), "-c".into(), "kill -KILL $$".into()],
+        ),
+        (
+            "SIGSEGV",
+            vec!["/bin/sh".into(), "-c".into(), "kill -SEGV $$".into()],
+        ),
+    ];
+    for (death, mut argv) in deaths {
+        let before = info_now(&g.vmm.api_socket).expect("Info");
+        // `sh -c CMD NAME ARGS...`: the incoming argument only has to be there.
+        argv.extend([
+            "sh".into(),
+            "--incoming".into(),
+            format!("file:{}", state.display()),
+        ]);
+        g.vmm
+            .api()
+            .set_migration_parameters(MigrationMode::CprExec, argv)
+            .expect("SetMigrationParameters");
+        let _ = g.vmm.api().migrate(&format!("file:{}", state.display()));
+        let deadline = Instant::now() + SETTLE_TIMEOUT;
+        let info = loop {
+            match info_now(&g.vmm.api_socket) {
+                Ok(i) if i.pid != before.pid && i.update_state() != UpdateState::InProgress => {
+                    break i
+                }
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{death}: no rolled-back vmmd answered"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(
+            info.update_state(),
+            UpdateState::RolledBack,
+            "{death}: {info:?}"
+        );
+        assert!(
+            info.update_detail.contains("before taking the guest over"),
+            "{death}: {info:?}"
+        );
+        assert_eq!(info.update_generation, generation, "{death}: {info:?}");
+        assert_eq!(
+            info.run_state,
+            RunState::Running as i32,
+            "{death}: {info:?}"
+        );
+        assert!(
+            g.console
+                .wait_for_heartbeats(Instant::now(), 50, Duration::from_secs(30)),
+            "{death}: no heartbeats on the same console connection after the rollback: {}",
+            g.console.output_tail(300)
+        );
+        assert_eq!(g.console.verify(), Verify::Ok(g.hash.clone()), "{death}");
+        let now = g.console.counters();
+        now.assert_continues(&g.counters);
+        g.counters = now;
+        assert_eq!(g.console.failures(), Vec::<String>::new(), "{death}");
     }
-    let mut opts = g.vmm.opts.clone();
-    opts.incoming = Some(format!("file:{}", state.display()));
-    opts.dir = None;
-    let (_new, mut console) = VmmdProcess::spawn_with_console(opts);
-    assert!(
-        console.wait_for_heartbeats(Instant::now(), 50, Duration::from_secs(30)),
-        "no heartbeats from the resumed guest: {}",
-        console.output_tail(300)
-    );
-    assert_eq!(console.verify(), Verify::Ok(g.hash.clone()));
-    console.counters().assert_continues(&before);
+    // The rolled-back process updates like any other.
+    let vmmd = cpr_tests::bins::vmmd();
+    let report = update_in_process(&g.vmm.api_socket, &UpdateArgs::new(vmmd))
+        .unwrap_or_else(|f| panic!("update after the rollbacks: {f}; {:?}", f.report));
+    assert_eq!(report.pid_after, Some(report.pid), "{report:?}");
+    assert_eq!(g.generation(), generation + 1);
+    assert_eq!(g.console.verify(), Verify::Ok(g.hash.clone()));
+    // The rolled-back process is not the test's child: stop it through its API.
+    let _ = g.vmm.api().quit();
 }
 
 #[test]

@@ -101,14 +101,18 @@ pub enum Ended {
 
 /// The bridge's control loop (in the control continuation): answers take-over requests with
 /// `take_over()` (called again only if it failed), until an abort or the new process's end of the
-/// socket closes. `save_anyway()` runs when the end closes before any take-over.
+/// socket closes. When the end closes before any take-over (the new process died),
+/// `orphaned()` says where to go on: a socket whose other end a rollback process holds (serving
+/// goes on there), or None (the loop ends).
 pub fn serve(
     ctl: &UnixStream,
     mut take_over: impl FnMut() -> BridgeReply,
-    save_anyway: impl FnOnce(),
+    mut orphaned: impl FnMut() -> Option<UnixStream>,
 ) -> Ended {
     let mut answer: Option<Vec<u8>> = None;
+    let mut next: Option<UnixStream> = None;
     loop {
+        let ctl = next.as_ref().unwrap_or(ctl);
         let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
         if poll(&mut fds, PollTimeout::NONE).is_err() {
             continue;
@@ -146,7 +150,10 @@ pub fn serve(
             _ => {
                 let saved = answer.is_some();
                 if !saved {
-                    save_anyway();
+                    if let Some(rollback) = orphaned() {
+                        next = Some(rollback);
+                        continue;
+                    }
                 }
                 return Ended::Released { saved };
             }
@@ -211,7 +218,7 @@ mod tests {
                     calls += 1;
                     ok_reply()
                 },
-                || panic!("saved already"),
+                || panic!("not orphaned"),
             );
             (ended, calls)
         });
@@ -243,7 +250,7 @@ mod tests {
                         ok_reply()
                     }
                 },
-                || {},
+                || None,
             )
         });
         let err = take_over(&new, Duration::from_secs(10)).expect_err("refused");
@@ -257,20 +264,53 @@ mod tests {
     }
 
     #[test]
-    fn a_new_process_that_dies_first_gets_the_state_saved_anyway() {
+    fn a_new_process_that_dies_first_leaves_the_bridge_to_its_fallback() {
         let (new, bridge) = UnixStream::pair().expect("pair");
         drop(new);
-        let mut saved = false;
-        let ended = serve(&bridge, ok_reply, || saved = true);
+        let mut asked = 0;
+        let ended = serve(&bridge, ok_reply, || {
+            asked += 1;
+            None
+        });
         assert_eq!(ended, Ended::Released { saved: false });
-        assert!(saved);
+        assert_eq!(asked, 1);
+    }
+
+    #[test]
+    fn a_rollback_process_takes_the_guest_over_after_the_new_one_died() {
+        let (new, bridge) = UnixStream::pair().expect("pair");
+        let (rollback, rollback_bridge) = UnixStream::pair().expect("pair");
+        drop(new);
+        let mut spare = Some(rollback_bridge);
+        let server = std::thread::spawn(move || {
+            let mut calls = 0;
+            let ended = serve(
+                &bridge,
+                || {
+                    calls += 1;
+                    ok_reply()
+                },
+                || spare.take(),
+            );
+            (ended, calls)
+        });
+        let reply = take_over(&rollback, Duration::from_secs(10)).expect("rollback takes over");
+        assert_eq!(reply, ok_reply());
+        drop(rollback);
+        let (ended, calls) = server.join().expect("join");
+        assert_eq!(ended, Ended::Released { saved: true });
+        assert_eq!(calls, 1);
     }
 
     #[test]
     fn abort_ends_the_bridge_without_a_save() {
         let (old, bridge) = UnixStream::pair().expect("pair");
         abort(&old).expect("abort");
-        let ended = serve(&bridge, || panic!("no take-over"), || panic!("no save"));
+        let ended = serve(
+            &bridge,
+            || panic!("no take-over"),
+            || panic!("not orphaned"),
+        );
         assert_eq!(ended, Ended::Aborted);
     }
 

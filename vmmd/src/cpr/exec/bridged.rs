@@ -22,7 +22,7 @@ use std::time::Duration;
 use cpr_common::state::{write_state_without_ram, StateFileError};
 use tracing::warn;
 
-use super::{Compensation, Compensations};
+use super::{process, Compensation, Compensations};
 use crate::console::{Console, ConsoleState};
 use crate::cpr::bridge;
 use crate::cpr::CprError;
@@ -134,6 +134,15 @@ impl Vm {
         };
         let mut keep = keep;
         keep.extend([theirs.as_raw_fd(), state.as_raw_fd()]);
+        // If the new process dies before the take-over, the bridge runs this binary again, which
+        // takes the guest over the way the new process would have.
+        let rollback = self.prepare_bridge_rollback(path, paused_at, previous, state.as_raw_fd());
+        // The rollback's own fds move into the continuation with it; this process's copies are
+        // closed below if the exec fails (and by the exec, close-on-exec, if it succeeds).
+        let rollback_fds = rollback.as_ref().map(BridgeRollback::own_fds);
+        if let Some(r) = &rollback {
+            keep.extend(r.fds());
+        }
         // SAFETY: see `BridgeView::of`: this thread keeps the VM alive and untouched until the
         // continuation ends (`control.wait()` below) or the exec replaced this process's image.
         let view = unsafe { BridgeView::of(self) };
@@ -143,6 +152,7 @@ impl Vm {
             state: PathBuf::from(format!("/proc/self/fd/{}", state.as_raw_fd())),
             path: path.to_path_buf(),
             saved,
+            rollback: RefCell::new(rollback),
         };
         self.update_status = UpdateStatus::InProgress("exec");
         let control = match Continuation::start(task, bridge_control_main, &keep) {
@@ -170,7 +180,57 @@ impl Vm {
         }
         control.wait();
         drop(theirs);
+        for fd in rollback_fds.into_iter().flatten() {
+            // SAFETY: fds this process opened for the rollback, whose owners moved into the
+            // continuation (which closed only its own copies): nothing else here uses them.
+            unsafe { libc::close(fd) };
+        }
         err
+    }
+
+    /// The exec the bridge runs when the new process died before taking the guest over: this
+    /// binary, with a hand-over whose bridge control socket is a fresh pair's end (the bridge
+    /// serves the other) and `rollback_reason` set. None (and a warning) when it cannot be
+    /// prepared: the bridge then falls back to saving the state file.
+    fn prepare_bridge_rollback(
+        &self,
+        path: &Path,
+        paused_at_ns: u64,
+        previous: &OwnedFd,
+        state: RawFd,
+    ) -> Option<BridgeRollback> {
+        let (process_end, bridge_end) = match std::os::unix::net::UnixStream::pair() {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "no rollback for a new process that dies before the take-over");
+                return None;
+            }
+        };
+        let mut fds = vec![
+            (
+                fd_names::BRIDGE_CONTROL.to_string(),
+                process_end.as_raw_fd(),
+            ),
+            (fd_names::BRIDGE_STATE.to_string(), state),
+        ];
+        if let Some(c) = &self.console {
+            fds.extend(c.raw_fds());
+        }
+        let handover = self.handover(path, paused_at_ns, previous).fds(fds).build();
+        let reason = "the new binary exited (or was killed) before taking the guest over";
+        match process::PreparedExec::rollback(&handover, reason) {
+            Ok(Some(exec)) => Some(BridgeRollback {
+                exec,
+                process_end,
+                bridge_end,
+                stack: vec![0u8; ROLLBACK_STACK],
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                warn!(error = %e, "no rollback for a new process that dies before the take-over");
+                None
+            }
+        }
     }
 
     fn exec_to_bridge(
@@ -323,6 +383,88 @@ impl BridgeView {
     }
 }
 
+/// Stack of the short-lived child that execs the rollback (it only clears flags and execs).
+const ROLLBACK_STACK: usize = 64 << 10;
+
+/// The rollback the bridge runs when the new process died before the take-over.
+struct BridgeRollback {
+    exec: process::PreparedExec,
+    /// The rolled-back process's end of its control socket (passed on by the exec).
+    process_end: std::os::unix::net::UnixStream,
+    /// The bridge's end, served once the rollback runs.
+    bridge_end: std::os::unix::net::UnixStream,
+    stack: Vec<u8>,
+}
+
+impl BridgeRollback {
+    /// The fds it owns (the hand-over memfd and both socket ends), by number.
+    fn own_fds(&self) -> [RawFd; 3] {
+        [
+            self.exec.handover_fd(),
+            self.process_end.as_raw_fd(),
+            self.bridge_end.as_raw_fd(),
+        ]
+    }
+
+    /// What the control continuation must keep open for it.
+    fn fds(&self) -> Vec<RawFd> {
+        let mut v = self.exec.fds();
+        v.extend([self.process_end.as_raw_fd(), self.bridge_end.as_raw_fd()]);
+        v
+    }
+
+    /// In the control continuation: starts the rolled-back process (a `CLONE_VFORK` child that
+    /// execs the previous binary; this task waits until it has) and returns the socket to serve
+    /// its take-over on. Err when the exec failed.
+    fn start(mut self) -> Result<std::os::unix::net::UnixStream, std::io::Error> {
+        let arg = (&self.exec as *const process::PreparedExec)
+            .cast_mut()
+            .cast();
+        // SAFETY: CLONE_VM | CLONE_VFORK: this task is suspended until the child has exec'd or
+        // exited, so `self.exec` and the stack outlive every use the child makes of them; the
+        // child runs only `rollback_child_main`, which calls async-signal-safe functions.
+        let pid = unsafe {
+            crate::sys::continuation::clone_vm(
+                &mut self.stack,
+                rollback_child_main,
+                arg,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            )
+        }?;
+        let mut status = 0;
+        // SAFETY: a non-blocking wait for our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Err(std::io::Error::other(format!(
+                "the rollback exec of the previous binary failed (status {status})"
+            )));
+        }
+        // Only the rolled-back process holds its end now: its death ends the serving again.
+        drop(self.process_end);
+        // The stack stays with the address space: the child ran on it (never freed here).
+        std::mem::forget(self.stack);
+        Ok(self.bridge_end)
+    }
+}
+
+/// The vfork child of a bridge rollback: signals unblocked (the clone blocked them all), then the
+/// exec. Allocation-free.
+extern "C" fn rollback_child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: an empty sigset_t, then SIG_SETMASK of it: the exec'd binary starts with no signal
+    // blocked.
+    unsafe {
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+    }
+    // SAFETY: `arg` is the `PreparedExec` of a `BridgeRollback` whose task is suspended until
+    // this child execs or exits (CLONE_VFORK).
+    let exec = unsafe { &*arg.cast::<process::PreparedExec>() };
+    exec.exec_now();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(127) }
+}
+
 /// What the bridge's control continuation works with.
 struct BridgeTask {
     view: BridgeView,
@@ -332,6 +474,8 @@ struct BridgeTask {
     /// The operator's state file: where the state goes when the new process died first.
     path: PathBuf,
     saved: SavedRunState,
+    /// Taken (once) when the new process dies before the take-over.
+    rollback: RefCell<Option<BridgeRollback>>,
 }
 
 // SAFETY: the view's references are only used by the continuation, while the thread that owns the
@@ -362,12 +506,20 @@ fn bridge_control_main(task: BridgeTask) {
         &ctl,
         || view.take_over(&task.state, task.saved),
         || {
+            // The new process died before taking the guest over: run this binary again, which
+            // takes it over from the bridge.
+            let rollback = task.rollback.borrow_mut().take();
+            let failed = match rollback.map(BridgeRollback::start) {
+                Some(Ok(ctl)) => return Some(ctl),
+                Some(Err(e)) => format!(" ({e})"),
+                None => String::new(),
+            };
             // Nobody will take the guest: leave it stopped, in the state file, as a crash inside
             // the classic pause would (`vmmd --incoming file:PATH` on the same RAM resumes it).
             let reply = view.take_over(&task.path, task.saved);
             let msg = match reply.saved {
                 Ok(()) => format!(
-                    "vmmd cpr-exec bridge: the new process exited before taking the guest over; the guest is stopped and its state is in {}\n",
+                    "vmmd cpr-exec bridge: the new process exited before taking the guest over and no rollback could start{failed}; the guest is stopped and its state is in {}\n",
                     task.path.display()
                 ),
                 Err(e) => format!(
@@ -378,6 +530,7 @@ fn bridge_control_main(task: BridgeTask) {
             // SAFETY: write(2) of a live buffer to stderr (no locks: other threads of the old
             // process may have died holding Rust's stderr lock).
             unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
+            None
         },
     );
     if ended != bridge::Ended::Aborted {

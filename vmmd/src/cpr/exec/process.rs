@@ -304,23 +304,83 @@ pub fn roll_back(handover: &CprHandover, reason: &str) -> CprExecError {
     err
 }
 
-struct CrashRollback {
+/// An exec of the previous binary prepared in advance, for where nothing may allocate: a signal
+/// handler, or the bridge's control continuation after this process's image is gone. Holds the
+/// hand-over memfd (its `rollback_reason` set), the argument and environment arrays, and the fds
+/// whose close-on-exec flag [`PreparedExec::exec_now`] clears.
+pub struct PreparedExec {
     prev_binary: RawFd,
     fds: Vec<RawFd>,
     _args: Vec<CString>,
     _env: Vec<CString>,
     argp: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
-    _memfd: OwnedFd,
+    memfd: OwnedFd,
 }
 
 // SAFETY: the raw pointers point into the CStrings owned by the same struct, which is never mutated
-// after it is stored in the OnceLock.
-unsafe impl Send for CrashRollback {}
+// after construction.
+unsafe impl Send for PreparedExec {}
 // SAFETY: as above: read-only after construction.
-unsafe impl Sync for CrashRollback {}
+unsafe impl Sync for PreparedExec {}
 
-static CRASH_ROLLBACK: OnceLock<CrashRollback> = OnceLock::new();
+impl PreparedExec {
+    /// Prepares re-executing the previous binary `handover` names, with `handover` (its
+    /// `rollback_reason` set to `reason`) and its rollback command line. None when the hand-over
+    /// names no previous binary.
+    pub fn rollback(
+        handover: &CprHandover,
+        reason: &str,
+    ) -> Result<Option<PreparedExec>, CprExecError> {
+        let Some(prev) = handover.fd(fd_names::PREVIOUS_BINARY) else {
+            return Ok(None);
+        };
+        let mut back = handover.clone();
+        back.rollback_reason = Some(reason.to_string());
+        let memfd = back.to_memfd()?;
+        let args = cstrings(back.rollback_argv.iter().map(|a| a.clone().into_bytes()))?;
+        let env = cstrings(env_with_handover(memfd.as_raw_fd()))?;
+        let (argp, envp) = (pointers(&args), pointers(&env));
+        let mut fds: Vec<RawFd> = back.fds.iter().map(|(_, fd)| *fd).collect();
+        fds.push(memfd.as_raw_fd());
+        Ok(Some(PreparedExec {
+            prev_binary: prev,
+            fds,
+            _args: args,
+            _env: env,
+            argp,
+            envp,
+            memfd,
+        }))
+    }
+
+    /// Every fd the exec passes on (the hand-over memfd and the previous binary included): what a
+    /// continuation that may run this exec must keep open.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut v = self.fds.clone();
+        v.push(self.prev_binary);
+        v.push(self.memfd.as_raw_fd());
+        v
+    }
+
+    /// The hand-over memfd's number.
+    pub fn handover_fd(&self) -> RawFd {
+        self.memfd.as_raw_fd()
+    }
+
+    /// Clears close-on-exec on the fds and executes the previous binary. Async-signal-safe and
+    /// allocation-free; returns only when the exec failed.
+    pub fn exec_now(&self) {
+        for &fd in &self.fds {
+            // SAFETY: fcntl is async-signal-safe; the fds stay open until exec.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
+        }
+        // SAFETY: prepared NUL-terminated arrays; execveat is async-signal-safe.
+        unsafe { execveat_empty(self.prev_binary, self.argp.as_ptr(), self.envp.as_ptr()) };
+    }
+}
+
+static CRASH_ROLLBACK: OnceLock<PreparedExec> = OnceLock::new();
 const CRASH_SIGNALS: [libc::c_int; 5] = [
     libc::SIGSEGV,
     libc::SIGBUS,
@@ -331,12 +391,7 @@ const CRASH_SIGNALS: [libc::c_int; 5] = [
 
 extern "C" fn on_crash(_: libc::c_int) {
     if let Some(r) = CRASH_ROLLBACK.get() {
-        for &fd in &r.fds {
-            // SAFETY: fcntl is async-signal-safe; the fds stay open until exec.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, 0) };
-        }
-        // SAFETY: prepared NUL-terminated arrays; execveat is async-signal-safe.
-        unsafe { execveat_empty(r.prev_binary, r.argp.as_ptr(), r.envp.as_ptr()) };
+        r.exec_now();
     }
     // SAFETY: _exit is async-signal-safe.
     unsafe { libc::_exit(128 + libc::SIGABRT) };
@@ -345,26 +400,12 @@ extern "C" fn on_crash(_: libc::c_int) {
 /// In a new process that has not resumed the guest yet: if it crashes, re-exec the previous binary
 /// from the signal handler (everything is prepared now so the handler allocates nothing).
 pub fn arm_crash_rollback(handover: &CprHandover) -> Result<(), CprExecError> {
-    let Some(prev) = handover.fd(fd_names::PREVIOUS_BINARY) else {
+    let Some(prepared) =
+        PreparedExec::rollback(handover, "the new vmmd crashed before the guest resumed")?
+    else {
         return Ok(());
     };
-    let mut back = handover.clone();
-    back.rollback_reason = Some("the new vmmd crashed before the guest resumed".into());
-    let memfd = back.to_memfd()?;
-    let args = cstrings(back.rollback_argv.iter().map(|a| a.clone().into_bytes()))?;
-    let env = cstrings(env_with_handover(memfd.as_raw_fd()))?;
-    let (argp, envp) = (pointers(&args), pointers(&env));
-    let mut fds: Vec<RawFd> = back.fds.iter().map(|(_, fd)| *fd).collect();
-    fds.push(memfd.as_raw_fd());
-    let _ = CRASH_ROLLBACK.set(CrashRollback {
-        prev_binary: prev,
-        fds,
-        _args: args,
-        _env: env,
-        argp,
-        envp,
-        _memfd: memfd,
-    });
+    let _ = CRASH_ROLLBACK.set(prepared);
     for sig in CRASH_SIGNALS {
         // SAFETY: installs a handler that only calls async-signal-safe functions.
         unsafe { libc::signal(sig, on_crash as *const () as libc::sighandler_t) };

@@ -129,6 +129,22 @@ cprctl --socket /run/vmmd/vm1.sock --json status | grep -q '"update_generation":
     || { echo "update generation is not 1 after reload" >&2; exit 1; }
 echo "reload kept MainPID $PID1 and the unit active" >&2
 
+log "a new binary that exits at start (an unknown flag: clap exits 2) is rolled back"
+rc=0
+cprctl --socket /run/vmmd/vm1.sock update --binary /usr/local/bin/vmmd --new-arg=--bogus-flag || rc=$?
+[ "$rc" = 1 ] || { echo "cprctl update with a failing new binary exited $rc, not 1" >&2; exit 1; }
+in_ct systemctl status --no-pager vmmd@vm1.service || true
+[ "$(in_ct systemctl is-active vmmd@vm1.service)" = active ] \
+    || { echo "vmmd@vm1 is not active after the failed update" >&2; exit 1; }
+PID3=$(main_pid)
+APIPID=$(cprctl --socket /run/vmmd/vm1.sock --json status | grep -o '"pid":[0-9]*' | head -1 | cut -d: -f2)
+[ "$PID3" = "$APIPID" ] || { echo "MainPID $PID3 is not the vmmd that answers ($APIPID)" >&2; exit 1; }
+cprctl --socket /run/vmmd/vm1.sock --json status | grep -q '"update_generation":1' \
+    || { echo "update generation is not 1 after the rolled-back update" >&2; exit 1; }
+V3=$(guest_verify); echo "guest: $V3" >&2
+[ "$V3" = "$V1" ] || { echo "guest memory changed across the rollback: $V1 -> $V3" >&2; exit 1; }
+echo "the failed update left vmmd@vm1 active, MainPID $PID3 running the guest" >&2
+
 log "vmmd-cpr-reboot.service stops: reboot-prep --all"
 in_ct systemctl start vmmd-cpr-reboot.service
 in_ct systemctl stop vmmd-cpr-reboot.service

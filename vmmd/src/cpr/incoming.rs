@@ -181,6 +181,11 @@ impl Vm {
         for e in ctx.bridge_reply.iter().flat_map(|r| r.guest_events.iter()) {
             let _ = self.vcpu_events.send(VcpuEvent::from(e.clone()));
         }
+        if ctx.bridge_reply.is_some() {
+            // Under systemd: this process is the unit's main process again (the bridge's control
+            // continuation was, since the exec), before the bridge ends.
+            crate::notify::notify(&format!("MAINPID={}", std::process::id()));
+        }
         // Closing the previous VM's fds destroys it (~15 ms of kernel time): off the guest's path.
         // Everything else held for a rollback is closed now.
         let (old_vm, rest): (Vec<_>, Vec<_>) = ctx.held.into_iter().partition(|(name, _)| {

@@ -243,7 +243,7 @@ impl Vm {
         bridge_pids: Vec<libc::pid_t>,
     ) -> CprError {
         let mut pidfds = Vec::new();
-        for pid in bridge_pids {
+        for &pid in &bridge_pids {
             match bridge::pidfd_open(pid) {
                 Ok(fd) => pidfds.push(fd),
                 Err(e) => {
@@ -272,6 +272,11 @@ impl Vm {
             .fds(fds)
             .phases(&[("handoff".into(), Duration::from_micros(handoff_us))])
             .build();
+        // Under systemd the control continuation is the unit's main process until the new one
+        // runs the guest (it names itself then): a new binary that dies is not the unit's end.
+        if let Some(&control) = bridge_pids.last() {
+            crate::notify::notify(&format!("MAINPID={control}"));
+        }
         self.exec_with_handover(&handover, "cpr-exec: exec (guest running in the bridge)")
     }
 

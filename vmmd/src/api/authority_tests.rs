@@ -293,3 +293,22 @@ async fn the_io_wrapper_rewrites_reads_and_passes_writes() {
     drop(shim);
     assert_eq!(writer.await.unwrap(), SETTINGS);
 }
+
+#[test]
+fn random_client_bytes_never_panic_and_keep_frames_whole() {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..2_000 {
+        let mut frames_in = Vec::new();
+        for _ in 0..4 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let kind = [HEADERS, CONTINUATION, 0x0, 0x4, PUSH_PROMISE][(x % 5) as usize];
+            let payload: Vec<u8> = (0..(x >> 8) % 24).map(|i| (x >> (i % 56)) as u8).collect();
+            frames_in.push(frame(kind, (x >> 16) as u8, (x >> 24) as u32 % 4, &payload));
+        }
+        let input = client(&frames_in);
+        let out = run(&input, 1 + round % 13);
+        assert!(out.len() >= PREFACE.len() + SETTINGS.len());
+    }
+}

@@ -17,6 +17,9 @@ use tracing::info;
 use vmmd_proto::v1 as pb;
 use vmmd_proto::v1::vmm_server::{Vmm, VmmServer};
 
+mod authority;
+mod hpack;
+
 use crate::cpr::CprError;
 use crate::migration::MigrationError;
 use crate::vm::{
@@ -563,7 +566,11 @@ pub async fn serve(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(VmmServer::new(VmmApi { handle }))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        // Each connection goes through the :authority shim (see `authority`) before h2 parses it.
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|c| c.map(authority::AuthorityFix::new)),
+            shutdown,
+        )
         .await
         .map_err(ApiError::Serve)
 }

@@ -483,16 +483,16 @@ fn the_bridge_needs_no_writable_state_file() {
 }
 
 #[test]
-fn a_new_binary_that_dies_before_the_take_over_is_rolled_back_by_the_bridge() {
+fn a_new_binary_that_dies_or_hangs_before_the_take_over_is_rolled_back_by_the_bridge() {
     // ELFs that vmmd's own checks let through (straight through the API, without cprctl's
-    // preflight) and that die without taking the guest over: an exit, a SIGKILL, a crash before
-    // any handler of ours exists. Each time the bridge runs the previous binary again (a new pid:
-    // the old one is gone), which takes the guest over from the bridge; the guest never stops and
-    // keeps its console connection.
-    let mut g = boot(1, "64M", true);
+    // preflight) and that never take the guest over: an exit, a SIGKILL, a crash before any
+    // handler of ours exists, a hang (which the bridge kills after --cpr-takeover-timeout). Each
+    // time the bridge runs the previous binary again (a new pid: the old one is gone), which takes
+    // the guest over from the bridge; the guest never stops and keeps its console connection.
+    let mut g = boot_with(1, "64M", true, &["--cpr-takeover-timeout", "2"]);
     let generation = g.generation();
     let state = g.dir.join("direct.state");
-    let deaths: [(&str, Vec<String>); 3] = [
+    let deaths: [(&str, Vec<String>); 4] = [
         ("exit", vec!["/bin/true".into()]),
         (
             "SIGKILL",
@@ -501,6 +501,10 @@ fn a_new_binary_that_dies_before_the_take_over_is_rolled_back_by_the_bridge() {
         (
             "SIGSEGV",
             vec!["/bin/sh".into(), "-c".into(), "kill -SEGV $$".into()],
+        ),
+        (
+            "hang",
+            vec!["/bin/sh".into(), "-c".into(), "exec sleep 1000".into()],
         ),
     ];
     for (death, mut argv) in deaths {
@@ -538,6 +542,16 @@ fn a_new_binary_that_dies_before_the_take_over_is_rolled_back_by_the_bridge() {
         assert!(
             info.update_detail.contains("before taking the guest over"),
             "{death}: {info:?}"
+        );
+        // Gone, or a zombie (the first one is the test's child).
+        let state = std::fs::read_to_string(format!("/proc/{}/stat", before.pid))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(|r| r.trim().chars().next()))
+            .flatten();
+        assert!(
+            matches!(state, None | Some('Z')),
+            "{death}: the new process {} still runs ({state:?})",
+            before.pid
         );
         assert_eq!(info.update_generation, generation, "{death}: {info:?}");
         assert_eq!(

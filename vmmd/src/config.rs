@@ -95,6 +95,12 @@ pub struct Cli {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL",
           env = "VMMD_CPR_EXEC_BRIDGE")]
     pub cpr_exec_bridge: bool,
+    /// cpr-exec with the bridge: how long the bridge waits for the new process to take the guest
+    /// over before it kills it and runs this binary again (which takes the guest over). Make it
+    /// longer than the new process's start-up plus, with `--incoming defer`, its
+    /// `--cpr-incoming-timeout`.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub cpr_takeover_timeout: u64,
     /// Exit 0 if this vmmd can read state files of format version V, 1 otherwise.
     #[arg(long, value_name = "V")]
     pub check_state_version: Option<u32>,
@@ -250,6 +256,7 @@ impl Cli {
             },
             populate_after_load: self.populate_after_load,
             cpr_exec_bridge: self.cpr_exec_bridge,
+            cpr_takeover_timeout: std::time::Duration::from_secs(self.cpr_takeover_timeout),
         })
     }
 }

@@ -104,18 +104,39 @@ pub enum Ended {
 /// socket closes. When the end closes before any take-over (the new process died),
 /// `orphaned()` says where to go on: a socket whose other end a rollback process holds (serving
 /// goes on there), or None (the loop ends).
+///
+/// A new process that has not asked for the guest within `patience` of the serving's start gets
+/// `give_up()` once (which kills it: its end of the socket then closes and `orphaned()` follows).
 pub fn serve(
     ctl: &UnixStream,
+    patience: Duration,
     mut take_over: impl FnMut() -> BridgeReply,
     mut orphaned: impl FnMut() -> Option<UnixStream>,
+    mut give_up: impl FnMut(),
 ) -> Ended {
     let mut answer: Option<Vec<u8>> = None;
     let mut next: Option<UnixStream> = None;
+    let mut deadline = Some(std::time::Instant::now() + patience);
     loop {
         let ctl = next.as_ref().unwrap_or(ctl);
         let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
-        if poll(&mut fds, PollTimeout::NONE).is_err() {
-            continue;
+        let wait = match deadline {
+            Some(d) => {
+                PollTimeout::try_from(d.saturating_duration_since(std::time::Instant::now()))
+                    .unwrap_or(PollTimeout::MAX)
+            }
+            None => PollTimeout::NONE,
+        };
+        match poll(&mut fds, wait) {
+            Ok(0) if answer.is_none() => {
+                if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                    deadline = None;
+                    give_up();
+                }
+                continue;
+            }
+            Ok(_) => {}
+            Err(_) => continue,
         }
         let mut byte = [0u8; 1];
         let mut reader = ctl;
@@ -123,6 +144,7 @@ pub fn serve(
             Ok(1) if byte[0] == ABORT => return Ended::Aborted,
             Ok(1) if byte[0] == TAKE_OVER => {
                 if answer.is_none() {
+                    deadline = None;
                     let reply = take_over();
                     let saved = reply.saved.is_ok();
                     let encoded = reply.encode().unwrap_or_else(|e| {
@@ -151,6 +173,7 @@ pub fn serve(
                 let saved = answer.is_some();
                 if !saved {
                     if let Some(rollback) = orphaned() {
+                        // No deadline for the rollback process: it is this very binary.
                         next = Some(rollback);
                         continue;
                     }
@@ -197,6 +220,8 @@ pub fn pidfd_open(pid: libc::pid_t) -> std::io::Result<std::os::fd::OwnedFd> {
 mod tests {
     use super::*;
 
+    const PATIENCE: Duration = Duration::from_secs(60);
+
     fn ok_reply() -> BridgeReply {
         BridgeReply {
             saved: Ok(()),
@@ -214,11 +239,13 @@ mod tests {
             let mut calls = 0;
             let ended = serve(
                 &bridge,
+                PATIENCE,
                 || {
                     calls += 1;
                     ok_reply()
                 },
                 || panic!("not orphaned"),
+                || panic!("no deadline"),
             );
             (ended, calls)
         });
@@ -239,6 +266,7 @@ mod tests {
             let mut calls = 0;
             serve(
                 &bridge,
+                PATIENCE,
                 || {
                     calls += 1;
                     if calls == 1 {
@@ -251,6 +279,7 @@ mod tests {
                     }
                 },
                 || None,
+                || panic!("no deadline"),
             )
         });
         let err = take_over(&new, Duration::from_secs(10)).expect_err("refused");
@@ -268,10 +297,16 @@ mod tests {
         let (new, bridge) = UnixStream::pair().expect("pair");
         drop(new);
         let mut asked = 0;
-        let ended = serve(&bridge, ok_reply, || {
-            asked += 1;
-            None
-        });
+        let ended = serve(
+            &bridge,
+            PATIENCE,
+            ok_reply,
+            || {
+                asked += 1;
+                None
+            },
+            || panic!("no deadline"),
+        );
         assert_eq!(ended, Ended::Released { saved: false });
         assert_eq!(asked, 1);
     }
@@ -286,11 +321,13 @@ mod tests {
             let mut calls = 0;
             let ended = serve(
                 &bridge,
+                PATIENCE,
                 || {
                     calls += 1;
                     ok_reply()
                 },
                 || spare.take(),
+                || panic!("no deadline"),
             );
             (ended, calls)
         });
@@ -303,13 +340,40 @@ mod tests {
     }
 
     #[test]
+    fn a_process_that_never_asks_is_given_up_on_then_rolled_back() {
+        let (hung, bridge) = UnixStream::pair().expect("pair");
+        let (rollback, rollback_bridge) = UnixStream::pair().expect("pair");
+        let hung = std::sync::Mutex::new(Some(hung));
+        let mut spare = Some(rollback_bridge);
+        let server = std::thread::scope(|scope| {
+            let t = scope.spawn(|| {
+                serve(
+                    &bridge,
+                    Duration::from_millis(50),
+                    ok_reply,
+                    || spare.take(),
+                    // "Kill" the hung process: its end closes.
+                    || drop(hung.lock().expect("lock").take()),
+                )
+            });
+            let reply = take_over(&rollback, Duration::from_secs(10)).expect("rollback");
+            assert_eq!(reply, ok_reply());
+            drop(rollback);
+            t.join().expect("join")
+        });
+        assert_eq!(server, Ended::Released { saved: true });
+    }
+
+    #[test]
     fn abort_ends_the_bridge_without_a_save() {
         let (old, bridge) = UnixStream::pair().expect("pair");
         abort(&old).expect("abort");
         let ended = serve(
             &bridge,
+            PATIENCE,
             || panic!("no take-over"),
             || panic!("not orphaned"),
+            || panic!("no deadline"),
         );
         assert_eq!(ended, Ended::Aborted);
     }

@@ -63,6 +63,8 @@ pub struct VmConfig {
     pub populate_after_load: bool,
     /// cpr-exec keeps the guest running in a bridge while the new binary starts (`cpr::bridge`).
     pub cpr_exec_bridge: bool,
+    /// How long the bridge waits for the new process's take-over before it rolls back.
+    pub cpr_takeover_timeout: std::time::Duration,
 }
 
 /// Failures a test can inject into an incoming load, to exercise cpr-exec rollback.

@@ -153,6 +153,8 @@ impl Vm {
             path: path.to_path_buf(),
             saved,
             rollback: RefCell::new(rollback),
+            patience: self.config.cpr_takeover_timeout,
+            exec_pid: std::process::id() as libc::pid_t,
         };
         self.update_status = UpdateStatus::InProgress("exec");
         let control = match Continuation::start(task, bridge_control_main, &keep) {
@@ -481,6 +483,10 @@ struct BridgeTask {
     saved: SavedRunState,
     /// Taken (once) when the new process dies before the take-over.
     rollback: RefCell<Option<BridgeRollback>>,
+    /// How long the new process may take to ask for the guest.
+    patience: Duration,
+    /// The pid that execs the new binary (the new process's pid).
+    exec_pid: libc::pid_t,
 }
 
 // SAFETY: the view's references are only used by the continuation, while the thread that owns the
@@ -509,6 +515,7 @@ fn bridge_control_main(task: BridgeTask) {
     let view = &task.view;
     let ended = bridge::serve(
         &ctl,
+        task.patience,
         || view.take_over(&task.state, task.saved),
         || {
             // The new process died before taking the guest over: run this binary again, which
@@ -536,6 +543,16 @@ fn bridge_control_main(task: BridgeTask) {
             // process may have died holding Rust's stderr lock).
             unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
             None
+        },
+        || {
+            // The new process hangs: kill it (its end of the socket closes, the rollback follows).
+            let msg = b"vmmd cpr-exec bridge: the new process did not take the guest over in time; killing it\n";
+            // SAFETY: write(2) of a live buffer to stderr (no locks, as above); kill(2) of the
+            // process that holds the other end of the control socket.
+            unsafe {
+                libc::write(2, msg.as_ptr().cast(), msg.len());
+                libc::kill(task.exec_pid, libc::SIGKILL);
+            }
         },
     );
     if ended != bridge::Ended::Aborted {

@@ -166,7 +166,13 @@ impl Render for FleetUpdate {
             format_micros(self.total_micros),
             self.jobs
         );
-        let width = self.vms.iter().map(|v| v.vm.len()).max().unwrap_or(0).max(2);
+        let width = self
+            .vms
+            .iter()
+            .map(|v| v.vm.len())
+            .max()
+            .unwrap_or(0)
+            .max(2);
         let _ = writeln!(
             s,
             "{:width$}  {:11}  {:>12}  {:10}  ERROR",
@@ -178,7 +184,9 @@ impl Render for FleetUpdate {
                 .as_ref()
                 .and_then(|r| r.vmmd_pause_micros)
                 .map_or_else(|| "-".to_owned(), format_micros);
-            let generation = v.generation.map_or_else(|| "-".to_owned(), |g| g.to_string());
+            let generation = v
+                .generation
+                .map_or_else(|| "-".to_owned(), |g| g.to_string());
             let line = format!(
                 "{:width$}  {:11}  {:>12}  {:10}  {}",
                 v.vm,
@@ -382,6 +390,9 @@ mod tests {
             vm("vm-b", Outcome::RolledBack(Guest::NotRestored), None),
         ]);
         assert_eq!(f.exit_code(), 4);
-        assert_eq!(fleet(vec![vm("a", Outcome::Updated, Some(2))]).exit_code(), 0);
+        assert_eq!(
+            fleet(vec![vm("a", Outcome::Updated, Some(2))]).exit_code(),
+            0
+        );
     }
 }

@@ -83,6 +83,12 @@ pub enum Command {
     /// to stderr (JSON lines with --json); the report to stdout. `--all` updates every vmmd in
     /// --socket-dir, --jobs at a time, and stops at the first failure unless --keep-going; it
     /// prints a table (VM, result, pause, generation) or, with --json, per-VM results and totals.
+    #[command(
+        after_help = "Exit status: 0 updated; 1 refused, failed or rolled back, the guest runs as \
+                      before; 3 vmmd unreachable; 4 the guest is not as before (look at it). \
+                      --all: 0 when every VM was updated, otherwise the worst of the VMs' statuses \
+                      (a VM not started because another failed counts 1)."
+    )]
     Update(crate::update::UpdateArgs),
     /// Save the guest for a host reboot (cpr-reboot): preflight, [suspend,] set-mode, save, marker, quit.
     ///

@@ -26,7 +26,8 @@ pub use crate::workflow::outcome::{EXIT_FAILED, EXIT_GUEST_NOT_RESTORED, EXIT_UN
     version,
     after_help = "Exit status: 0 success, 1 the request failed (update: refused, failed or rolled back, \
                   guest running as before), 2 bad usage, 3 vmmd unreachable, 4 update failed and the \
-                  guest is not back in its runstate from before."
+                  guest is not back in its runstate from before. `update --all`: 0 every VM updated, \
+                  otherwise the worst of the VMs' statuses (a VM not started after another failed: 1)."
 )]
 pub struct Cli {
     /// vmmd's API socket (its --api-socket).
@@ -79,7 +80,15 @@ pub enum Command {
     /// Live-update vmmd to a new binary under the running guest (cpr-exec: same PID, RAM kept).
     ///
     /// Steps: preflight, set-mode, exec, wait-new-process, [migrate-incoming,] verify. Progress goes
-    /// to stderr (JSON lines with --json); the report to stdout.
+    /// to stderr (JSON lines with --json); the report to stdout. `--all` updates every vmmd in
+    /// --socket-dir, --jobs at a time, and stops at the first failure unless --keep-going; it
+    /// prints a table (VM, result, pause, generation) or, with --json, per-VM results and totals.
+    #[command(
+        after_help = "Exit status: 0 updated; 1 refused, failed or rolled back, the guest runs as \
+                      before; 3 vmmd unreachable; 4 the guest is not as before (look at it). \
+                      --all: 0 when every VM was updated, otherwise the worst of the VMs' statuses \
+                      (a VM not started because another failed counts 1)."
+    )]
     Update(crate::update::UpdateArgs),
     /// Save the guest for a host reboot (cpr-reboot): preflight, [suspend,] set-mode, save, marker, quit.
     ///
@@ -151,6 +160,17 @@ pub enum CommandError {
         /// The exit status.
         code: u8,
     },
+    /// `update --all` did not update every VM (its report is already printed).
+    #[error("{summary}")]
+    UpdateAll {
+        /// Which VMs failed.
+        summary: String,
+        /// The exit status.
+        code: u8,
+    },
+    /// `update --all` could not start.
+    #[error(transparent)]
+    UpdateAllSetup(#[from] crate::update::all::DiscoverError),
     /// A reboot workflow could not start.
     #[error(transparent)]
     RebootSetup(#[from] crate::reboot::RebootError),
@@ -201,14 +221,17 @@ impl CommandError {
             Self::Client(ClientError::SocketMissing { .. } | ClientError::Connect { .. })
             | Self::Console(ConsoleError::Connect { .. }) => EXIT_UNREACHABLE,
             Self::Update { failure } => failure.outcome().exit_code(),
-            Self::Reboot { code, .. } => *code,
+            Self::Reboot { code, .. } | Self::UpdateAll { code, .. } => *code,
             _ => EXIT_FAILED,
         }
     }
 
     /// Whether the command already printed its result (`update` prints its report on failure too).
     pub fn already_reported(&self) -> bool {
-        matches!(self, Self::Update { .. } | Self::Reboot { .. })
+        matches!(
+            self,
+            Self::Update { .. } | Self::Reboot { .. } | Self::UpdateAll { .. }
+        )
     }
 
     /// The `--json` form of this error.
@@ -254,6 +277,17 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         Command::RebootPrep(args) if args.fleet.all => {
             let report = crate::reboot::prep_all(args, progress).await?;
             return emit_fleet(&report, json);
+        }
+        Command::Update(args) if args.fleet.all => {
+            let report = crate::update::run_all(args, json).await?;
+            emit(&report, json)?;
+            if report.ok {
+                return Ok(());
+            }
+            return Err(CommandError::UpdateAll {
+                summary: report.failure_summary(),
+                code: report.exit_code(),
+            });
         }
         Command::RebootResume(args) if args.fleet.all => {
             let report = crate::reboot::resume_all(args, progress).await?;

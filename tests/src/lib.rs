@@ -9,6 +9,7 @@ pub mod brownout;
 pub mod console;
 pub mod cpr;
 pub mod dir;
+pub mod fleet;
 pub mod guest;
 pub mod qemu;
 pub mod reboot;

@@ -1,6 +1,5 @@
 //! `--all`: a reboot workflow for every vmmd in `--socket-dir`, at most `--jobs` at a time.
 
-use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,25 +8,15 @@ use super::{
     prep, resume, FleetReport, PrepArgs, Progress, RebootError, RebootWorkflow, ResumeArgs, Target,
     VmReport,
 };
+use crate::workflow::fleet::{self, FleetResult};
 use crate::workflow::{micros, Guest, Outcome};
 
 /// The vmmd API sockets `<dir>/<name>.sock`, sorted by name.
 pub fn discover(dir: &Path) -> Result<Vec<PathBuf>, RebootError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| RebootError::Discover {
+    fleet::discover(dir).map_err(|source| RebootError::Discover {
         dir: dir.to_path_buf(),
         source,
-    })?;
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let path = e.path();
-        let is_sock = path.extension().is_some_and(|x| x == "sock");
-        let is_socket = std::fs::metadata(&path).is_ok_and(|m| m.file_type().is_socket());
-        if is_sock && is_socket {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
+    })
 }
 
 /// Markers in `state_dir` (`<name>.state.marker.json`): their names.
@@ -73,6 +62,12 @@ fn fleet_report(
     }
 }
 
+impl FleetResult for VmReport {
+    fn failed(&self) -> bool {
+        !self.ok && self.outcome != Outcome::Skipped
+    }
+}
+
 async fn run_parallel<F, Fut>(
     workflow: RebootWorkflow,
     targets: Vec<Target>,
@@ -83,43 +78,19 @@ where
     F: Fn(Target) -> Fut,
     Fut: std::future::Future<Output = VmReport> + Send + 'static,
 {
-    let sem = Arc::new(tokio::sync::Semaphore::new(usize::from(jobs)));
-    let mut set = tokio::task::JoinSet::new();
-    for (i, t) in targets.iter().cloned().enumerate() {
-        let sem = Arc::clone(&sem);
-        let fut = f(t);
-        set.spawn(async move {
-            let _permit = sem.acquire_owned().await;
-            (i, fut.await)
-        });
-    }
-    let mut out: Vec<Option<VmReport>> = vec![None; targets.len()];
-    while let Some(r) = set.join_next().await {
-        match r {
-            Ok((i, report)) => {
-                if let Some(slot) = out.get_mut(i) {
-                    *slot = Some(report);
-                }
+    // Every VM is tried: a reboot goes ahead for the others whatever one of them does.
+    fleet::run_parallel(targets, jobs, false, f, |t, _| {
+        let mut rep = VmReport::new(workflow, t);
+        rep.error = Some(
+            RebootError::Task {
+                name: t.name.clone(),
+                detail: "it panicked or was cancelled".to_owned(),
             }
-            Err(e) => tracing::error!(error = %e, "a workflow task failed"),
-        }
-    }
-    out.into_iter()
-        .zip(targets)
-        .map(|(r, t)| {
-            r.unwrap_or_else(|| {
-                let mut rep = VmReport::new(workflow, &t);
-                rep.error = Some(
-                    RebootError::Task {
-                        name: t.name.clone(),
-                        detail: "it panicked or was cancelled".to_owned(),
-                    }
-                    .to_string(),
-                );
-                rep
-            })
-        })
-        .collect()
+            .to_string(),
+        );
+        rep
+    })
+    .await
 }
 
 /// `reboot-prep --all`.

@@ -160,7 +160,7 @@ impl Target {
     }
 }
 
-pub(super) fn socket_name(socket: &Path) -> String {
+pub(crate) fn socket_name(socket: &Path) -> String {
     socket
         .file_stem()
         .map_or_else(|| "vm".to_owned(), |s| s.to_string_lossy().into_owned())

@@ -12,9 +12,14 @@
 //! | `migrate-incoming` | only with `--load deferred`: MigrateIncoming `file:STATE` | as above; if cprctl dies before this step, vmmd's `--cpr-incoming-timeout` deadline rolls back |
 //! | `verify` | same pid, generation + 1, NEW's version, the runstate from before | none: the update happened; the report says what did not match |
 //!
+//! `--all` runs the workflow for every vmmd whose API socket is `<socket-dir>/<name>.sock`, `--jobs`
+//! at a time (default 1: a canary first), and starts no new one after a failure unless
+//! `--keep-going`.
+//!
 //! With the default `--load at-start` the new vmmd starts with `--incoming file:STATE` and resumes the
 //! guest by itself: a cprctl that dies at any point cannot leave the guest paused.
 
+pub mod all;
 mod command_line;
 mod error;
 mod report;
@@ -25,9 +30,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+pub use self::all::{run_all, FleetUpdate, VmUpdate};
 pub use self::command_line::{carried_flags, new_command_line, parse_version};
 pub use self::error::UpdateError;
 pub use self::report::{UpdateFailure, UpdateReport};
+use crate::reboot::DEFAULT_SOCKET_DIR;
 use crate::workflow::{micros, Engine, Guest, SessionError};
 pub use crate::workflow::{NoProgress, Progress, ProgressEvent, StderrProgress, StepRecord};
 
@@ -63,9 +70,12 @@ pub struct UpdateArgs {
     /// The new vmmd binary.
     #[arg(long, value_name = "NEW")]
     pub binary: PathBuf,
-    /// Where vmmd writes the state (default: `<api socket>.cpr-state`).
-    #[arg(long, value_name = "PATH")]
+    /// Where vmmd writes the state (default: `<api socket>.cpr-state`); not with `--all`.
+    #[arg(long, value_name = "PATH", conflicts_with = "all")]
     pub state: Option<PathBuf>,
+    /// Which VMs: `--all` and how.
+    #[command(flatten)]
+    pub fleet: AllArgs,
     /// Seconds to wait for the new process to answer after the exec.
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub timeout: u64,
@@ -94,11 +104,40 @@ impl UpdateArgs {
         Self {
             binary,
             state: None,
+            fleet: AllArgs::default(),
             timeout: 60,
             load: Load::AtStart,
             incoming_deadline: 10,
             new_args: Vec::new(),
             die_at: None,
+        }
+    }
+}
+
+/// `update --all`: every vmmd of a socket directory.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AllArgs {
+    /// Update every vmmd whose API socket is `<socket-dir>/<name>.sock` (instead of --socket).
+    #[arg(long)]
+    pub all: bool,
+    /// `--all`: where the vmmd API sockets are.
+    #[arg(long, default_value = DEFAULT_SOCKET_DIR, value_name = "DIR")]
+    pub socket_dir: PathBuf,
+    /// `--all`: how many VMs to update at a time.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: u16,
+    /// `--all`: go on with the other VMs after one failed (default: start no new update).
+    #[arg(long)]
+    pub keep_going: bool,
+}
+
+impl Default for AllArgs {
+    fn default() -> Self {
+        Self {
+            all: false,
+            socket_dir: PathBuf::from(DEFAULT_SOCKET_DIR),
+            jobs: 1,
+            keep_going: false,
         }
     }
 }

@@ -4,12 +4,14 @@
 //! - [`engine`]: steps run in order, compensations on a stack, undone in reverse on failure;
 //! - [`session`]: the connection to vmmd (connect, Info, timeouts) every workflow uses;
 //! - [`error`]: the error core the workflows' errors wrap;
+//! - [`fleet`]: one workflow for every vmmd of a socket directory (`--all`), `--jobs` at a time;
 //! - [`outcome`]: how a workflow ended, and its exit status;
 //! - [`progress`]: the step records of a report and the progress events;
 //! - [`probe`]: asking a vmmd binary something.
 
 pub mod engine;
 pub mod error;
+pub mod fleet;
 pub mod outcome;
 pub mod probe;
 pub mod progress;

@@ -33,6 +33,8 @@ pub enum Outcome {
     Resumed,
     /// `--all`: nothing to do for this VM.
     Skipped,
+    /// `--all` without `--keep-going`: not started because another VM failed (nothing changed).
+    NotStarted,
     /// A check failed before anything changed.
     Refused(Guest),
     /// The workflow failed (update: before the exec, and vmmd resumed the guest).
@@ -53,6 +55,7 @@ impl Outcome {
             Self::Prepared => "prepared",
             Self::Resumed => "resumed",
             Self::Skipped => "skipped",
+            Self::NotStarted => "not-started",
             Self::Refused(_) => "refused",
             Self::Failed(_) => "failed",
             Self::RolledBack(_) => "rolled-back",
@@ -70,6 +73,7 @@ impl Outcome {
     pub fn guest(self) -> Option<Guest> {
         match self {
             Self::Updated | Self::Prepared | Self::Resumed | Self::Skipped => None,
+            Self::NotStarted => Some(Guest::AsBefore),
             Self::Refused(g)
             | Self::Failed(g)
             | Self::RolledBack(g)
@@ -108,6 +112,7 @@ mod tests {
             (Outcome::Prepared, 0, "prepared"),
             (Outcome::Resumed, 0, "resumed"),
             (Outcome::Skipped, 0, "skipped"),
+            (Outcome::NotStarted, 1, "not-started"),
             (Outcome::Refused(AsBefore), 1, "refused"),
             (Outcome::Refused(Unreached), 3, "refused"),
             (Outcome::Failed(AsBefore), 1, "failed"),

@@ -21,7 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const INSTALL: &str = "apt-get install -y prometheus";
 
 /// A child process killed (and reaped) on drop.
-struct Killed(Child, &'static str);
+struct Killed(Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -126,7 +126,7 @@ impl Prometheus {
             });
         let p = Prometheus {
             addr,
-            _child: Killed(child, "prometheus"),
+            _child: Killed(child),
             log,
         };
         p.wait_until(
@@ -196,7 +196,7 @@ fn start_exporter(socket_dir: &Path) -> (SocketAddr, Killed) {
         .stdin(Stdio::null())
         .spawn()
         .expect("cannot run cprctl exporter");
-    let exporter = Killed(child, "cprctl exporter");
+    let exporter = Killed(child);
     let deadline = Instant::now() + DEADLINE;
     while !matches!(http_get(addr, "/"), Ok((200, _))) {
         assert!(
@@ -305,4 +305,38 @@ fn prometheus_sees_a_live_update_and_the_counters_survive_updates() {
     }
     prometheus.await_value("vmmd_rollbacks_total", "1");
     prometheus.await_value("vmmd_updates_total{result=\"failed\"}", "1");
+}
+
+/// `deploy/cprctl-exporter.service` passes `systemd-analyze verify` (with ExecStart pointed at the
+/// built cprctl), where the tool exists.
+#[test]
+fn the_exporter_unit_verifies() {
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cprctl-exporter.service");
+    let text = std::fs::read_to_string(&unit).expect("read deploy/cprctl-exporter.service");
+    assert!(
+        text.contains("ExecStart=/usr/local/bin/cprctl exporter --listen"),
+        "{text}"
+    );
+    let Ok(version) = Command::new("systemd-analyze").arg("--version").output() else {
+        println!("SKIPPED: systemd-analyze is not installed");
+        return;
+    };
+    assert!(version.status.success());
+    let dir = TestDir::new("exporter-unit");
+    let copy = dir.join("cprctl-exporter.service");
+    let cprctl = cpr_tests::bins::cprctl();
+    let text = text.replace("/usr/local/bin/cprctl", &cprctl.display().to_string());
+    std::fs::write(&copy, text).expect("write the unit copy");
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("systemd-analyze verify: {:?} {stderr}", out.status);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed: {stderr}"
+    );
+    assert!(!stderr.contains("cprctl-exporter.service:"), "{stderr}");
 }

@@ -100,6 +100,11 @@ pub enum Command {
     RebootResume(crate::reboot::ResumeArgs),
     /// Boot the test guest, live-update it three times while timing the guest's heartbeats, report.
     Demo(crate::demo::DemoArgs),
+    /// Serve Prometheus metrics (`/metrics`) for every vmmd in --socket-dir, scraped at each request.
+    ///
+    /// Series are labelled vm="<socket name without .sock>"; a vmmd that does not answer within 2 s
+    /// gives vmmd_up 0. Runs until SIGTERM or Ctrl-C.
+    Exporter(crate::exporter::ExporterArgs),
     /// Attach this terminal to a console socket (Ctrl-] detaches; stdout is the raw console).
     Console {
         /// The console socket (vmmd's `--serial socket=PATH`).
@@ -171,6 +176,9 @@ pub enum CommandError {
     /// `update --all` could not start.
     #[error(transparent)]
     UpdateAllSetup(#[from] crate::update::all::DiscoverError),
+    /// The exporter cannot serve.
+    #[error(transparent)]
+    Exporter(#[from] crate::exporter::ExporterError),
     /// A reboot workflow could not start.
     #[error(transparent)]
     RebootSetup(#[from] crate::reboot::RebootError),
@@ -263,6 +271,9 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
             })?
             .map(|_| ())
             .map_err(Into::into);
+    }
+    if let Command::Exporter(args) = &cli.command {
+        return Ok(crate::exporter::run(args).await?);
     }
     if let Command::Demo(args) = cli.command {
         let report = crate::demo::run(args, json).await?;
@@ -429,6 +440,7 @@ pub async fn run(cli: Cli) -> Result<(), CommandError> {
         }
         Command::Console { .. }
         | Command::Demo(_)
+        | Command::Exporter(_)
         | Command::Update(_)
         | Command::RebootPrep(_)
         | Command::RebootResume(_) => Ok(()),

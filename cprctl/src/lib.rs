@@ -7,6 +7,7 @@ pub mod client;
 pub mod commands;
 pub mod console;
 pub mod demo;
+pub mod exporter;
 pub mod output;
 pub mod reboot;
 pub mod update;

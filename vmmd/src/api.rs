@@ -302,8 +302,8 @@ impl Vmm for VmmApi {
         _: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
         let uptime = self.handle.started.elapsed();
-        let (state, cfg, pty, blockers, generation, status, reboot_blockers, workflow_step) = self
-            .with_vm(|vm| {
+        let (state, cfg, pty, blockers, generation, status, reboot_blockers, workflow_step, counts) =
+            self.with_vm(|vm| {
                 Ok::<_, VmError>((
                     vm.run_state(),
                     vm.config().clone(),
@@ -316,9 +316,25 @@ impl Vmm for VmmApi {
                         vm.cpr_reboot_blockers_cleared_by_suspend(),
                     ),
                     vm.workflow_step().to_string(),
+                    vm.metrics().counters().clone(),
                 ))
             })
             .await?;
+        let seconds = |us: u64| us as f64 / 1e6;
+        let update_metrics = pb::UpdateMetrics {
+            updated: counts.updated,
+            failed: counts.failed,
+            refused: counts.refused,
+            rolled_back: counts.rolled_back,
+            pause_bucket_bounds_seconds: counts
+                .pause_bounds_us
+                .iter()
+                .map(|b| seconds(*b))
+                .collect(),
+            pause_bucket_counts: counts.pause_buckets,
+            pause_sum_seconds: seconds(counts.pause_sum_us),
+            pause_count: counts.pause_count,
+        };
         Ok(Response::new(pb::InfoResponse {
             run_state: pb_run_state(state) as i32,
             version: VERSION.to_string(),
@@ -361,6 +377,7 @@ impl Vmm for VmmApi {
             cpr_reboot_blockers_cleared_by_suspend: reboot_blockers.1,
             command_line: std::env::args().collect(),
             workflow_step,
+            update_metrics: Some(update_metrics),
         }))
     }
 

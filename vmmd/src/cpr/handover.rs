@@ -49,6 +49,7 @@ impl Vm {
             rollback_reason: None,
             address_space_keeper: None,
             vfio_model_containers: Vec::new(),
+            update_metrics: self.metrics.counters().clone(),
             legacy: None,
         })
     }

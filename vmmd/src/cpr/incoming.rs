@@ -14,7 +14,7 @@ use crate::migration::POPULATE_CHUNK;
 use crate::state::handover::{fd_names, LegacyDeviceState};
 use crate::sys::fd::monotonic_ns;
 use crate::vcpu::VcpuEvent;
-use crate::vm::{InheritedContext, MigrationReport, PhaseClock, UpdateStatus, Vm};
+use crate::vm::{InheritedContext, MigrationReport, PhaseClock, UpdateOutcome, UpdateStatus, Vm};
 use cpr_common::MigrationMode;
 
 /// How long the new process waits for the bridge to stop the guest and write the state.
@@ -171,6 +171,13 @@ impl Vm {
                 from: h.from_version.clone(),
             },
         };
+        // The hand-over's counters are the previous process's: this update is counted here, once
+        // the guest runs again.
+        let outcome = match h.rollback_reason {
+            Some(_) => UpdateOutcome::RolledBack,
+            None => UpdateOutcome::Updated,
+        };
+        self.metrics.record(outcome, Some(report.downtime));
         info!(
             generation = self.generation,
             pause_us = report.downtime.as_micros() as u64,

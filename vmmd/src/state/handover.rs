@@ -83,9 +83,33 @@ pub struct CprHandover {
     pub address_space_keeper: Option<i32>,
     /// The VFIO model's container ids, in container order (test hook; empty on a real kernel).
     pub vfio_model_containers: Vec<u32>,
+    /// The live-update counters so far (`crate::vm::metrics`); zero from a version-2 hand-over.
+    pub update_metrics: UpdateCounters,
     /// What a version-2 hand-over carried of the devices (read only, never written).
     #[serde(skip)]
     pub legacy: Option<LegacyDeviceState>,
+}
+
+/// Live-update outcomes and guest pauses, as counted so far by this guest's vmmd processes.
+/// Plain data: `crate::vm::metrics::VmMetrics` counts into it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpdateCounters {
+    /// Updates that ended with the guest on the new binary.
+    pub updated: u64,
+    /// Updates that failed before the exec and were undone (the guest stayed on the old binary).
+    pub failed: u64,
+    /// Updates refused before the guest was paused (preflight, blockers).
+    pub refused: u64,
+    /// Updates whose new binary failed after the exec, so the previous one was re-executed.
+    pub rolled_back: u64,
+    /// Upper bounds (µs) of the pause histogram's buckets, ascending.
+    pub pause_bounds_us: Vec<u64>,
+    /// Pauses per bucket (not cumulative): one per bound, then one for the pauses above the last.
+    pub pause_buckets: Vec<u64>,
+    /// Sum of the pauses (µs).
+    pub pause_sum_us: u64,
+    /// Number of pauses.
+    pub pause_count: u64,
 }
 
 /// What a version-2 hand-over carried that version 3 keeps in the state file.
@@ -135,6 +159,8 @@ impl From<CprHandoverV2> for CprHandover {
             rollback_reason: v.rollback_reason,
             address_space_keeper: v.address_space_keeper,
             vfio_model_containers: v.vfio_model_containers,
+            // The previous release counted nothing.
+            update_metrics: UpdateCounters::default(),
             legacy: Some(LegacyDeviceState {
                 console_pending_out: v.console_pending_out,
                 console_pending_in: v.console_pending_in,
@@ -438,8 +464,27 @@ mod tests {
             rollback_reason: None,
             address_space_keeper: None,
             vfio_model_containers: vec![3, 4],
+            update_metrics: UpdateCounters {
+                updated: 2,
+                failed: 1,
+                refused: 0,
+                rolled_back: 1,
+                pause_bounds_us: vec![100, 1000],
+                pause_buckets: vec![0, 3, 0],
+                pause_sum_us: 1200,
+                pause_count: 3,
+            },
             legacy: None,
         }
+    }
+
+    #[test]
+    fn update_counters_are_carried() {
+        let h = sample();
+        let read = CprHandover::decode(&h.encode().expect("encode")).expect("decode");
+        assert_eq!(read.update_metrics, h.update_metrics);
+        assert_eq!(read.update_metrics.updated, 2);
+        assert_eq!(read.update_metrics.pause_buckets, vec![0, 3, 0]);
     }
 
     #[test]
@@ -490,9 +535,12 @@ mod tests {
         assert_eq!(legacy.console_pending_out, b"...");
         assert_eq!(legacy.console_pending_in, b"v");
         assert_eq!(legacy.vfio_msi, vec![msi]);
+        // The previous release counted nothing: the counters start from zero.
+        assert_eq!(read.update_metrics, UpdateCounters::default());
         assert_eq!(
             CprHandover {
                 legacy: None,
+                update_metrics: h.update_metrics.clone(),
                 ..read
             },
             h

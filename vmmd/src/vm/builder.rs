@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     lock, EventBus, InheritedContext, MigrationReport, RunState, UpdateStatus, Vm, VmConfig,
-    VmError, CONSOLE_BUFFER,
+    VmError, VmMetrics, CONSOLE_BUFFER,
 };
 use crate::boot::pvh;
 use crate::console::{Console, ConsoleHandover};
@@ -237,6 +237,9 @@ impl VmBuilder {
             "VM created"
         );
         let generation = inherited.as_ref().map_or(0, |i| i.handover.generation);
+        let metrics = inherited.as_ref().map_or_else(VmMetrics::default, |i| {
+            VmMetrics::inherited(&i.handover.update_metrics)
+        });
         Ok(Vm {
             config,
             vm_fd,
@@ -252,6 +255,7 @@ impl VmBuilder {
             inherited,
             generation,
             update_status: UpdateStatus::None,
+            metrics,
             workflow_step: String::new(),
             saved_from: None,
             shut_down_after_save: false,

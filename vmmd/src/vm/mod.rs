@@ -6,6 +6,7 @@ pub mod builder;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod runstate;
 pub mod snapshot;
 pub mod status;
@@ -24,6 +25,7 @@ pub use config::{FaultInjection, Incoming, VmConfig};
 pub use error::VmError;
 pub(crate) use events::PhaseClock;
 pub use events::{EventBus, MigrationProgress, MigrationReport, MigrationStatus, VmEvent};
+pub use metrics::{UpdateOutcome, VmMetrics};
 pub use runstate::{RunEvent, RunState, Step};
 pub use status::UpdateStatus;
 
@@ -73,6 +75,8 @@ pub struct Vm {
     pub(crate) inherited: Option<InheritedContext>,
     pub(crate) generation: u64,
     pub(crate) update_status: UpdateStatus,
+    /// Live-update counters, carried across updates.
+    pub(crate) metrics: VmMetrics,
     pub(crate) workflow_step: String,
     /// The runstate a completed save started from (what `resume` from postmigrate returns to).
     pub(crate) saved_from: Option<SavedRunState>,
@@ -333,6 +337,11 @@ impl Vm {
     /// The last step an orchestrator reported.
     pub fn workflow_step(&self) -> &str {
         &self.workflow_step
+    }
+
+    /// The live-update counters (this process's and its predecessors').
+    pub fn metrics(&self) -> &VmMetrics {
+        &self.metrics
     }
 
     /// The last update step this process saw.

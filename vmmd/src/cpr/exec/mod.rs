@@ -23,7 +23,7 @@ use tracing::warn;
 use super::CprError;
 use crate::console::{Console, StoppedConsole};
 use crate::state::SavedRunState;
-use crate::vm::{MigrationReport, PhaseClock, UpdateStatus, Vm, VmError};
+use crate::vm::{MigrationReport, PhaseClock, UpdateOutcome, UpdateStatus, Vm, VmError};
 
 /// Undoes one step of an update that did not reach its `execve`.
 pub(crate) enum Compensation {
@@ -143,6 +143,7 @@ impl Vm {
             Err(e) => {
                 self.update_status =
                     UpdateStatus::Failed(format!("refused before pausing the guest: {e}"));
+                self.metrics.record(UpdateOutcome::Refused, None);
                 return Err(e);
             }
         };
@@ -187,6 +188,7 @@ impl Vm {
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
         crate::notify::ready(&format!("running; live update failed: {err}"));
         self.update_status = UpdateStatus::Failed(err.to_string());
+        self.metrics.record(UpdateOutcome::Failed, None);
         report.downtime = std::time::Duration::ZERO;
         let result = Err(err);
         self.finish_report(report, clock, &result);

@@ -77,14 +77,23 @@ fn the_guest_measures_a_pause_as_its_largest_gap() {
     let quiet = console.counters();
     assert_eq!(quiet.maxgap_us.len(), 2, "{quiet:?}");
     assert!(
-        quiet.maxgap_us.iter().all(|&g| g > 0 && g < pause_us),
+        quiet.maxgap_us.iter().all(|&g| g < pause_us),
         "gaps while running: {quiet:?}"
     );
 
     assert_eq!(vmm.api().pause().expect("Pause"), RunState::Paused);
     std::thread::sleep(PAUSE);
     assert_eq!(vmm.api().resume().expect("Resume"), RunState::Running);
-    let paused = console.counters();
+    // Each vCPU notes the gap at the end of its first iteration after the resume: on a busy host
+    // that may take a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let paused = loop {
+        let c = console.counters();
+        if c.maxgap_us.iter().all(|&g| g >= pause_us * 9 / 10) || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for (cpu, &gap) in paused.maxgap_us.iter().enumerate() {
         assert!(
             gap >= pause_us * 9 / 10,

@@ -286,13 +286,16 @@ impl<'a> Update<'a> {
                 })
             }
             // Either the exec happened (the connection closed) or it failed after the pause:
-            // the next step asks the process on the socket which.
-            Err(status) => format!(
-                "Migrate ended with {} ({}); the closed connection of a replaced process looks \
-                 like this too: asking the process on the socket",
-                code_name(status.code()),
-                status.message()
-            ),
+            // the next step asks the process on the socket which. The transport's words are
+            // for the debug log, not for the operator.
+            Err(status) => {
+                tracing::debug!(
+                    code = code_name(status.code()),
+                    message = status.message(),
+                    "Migrate ended without an answer (an exec closes the connection)"
+                );
+                "the new binary was started; asking the process on the socket".to_owned()
+            }
         };
         // Popped in reverse: first the guest is resumed if left paused, then vmmd's own VFIO
         // undo is shown.

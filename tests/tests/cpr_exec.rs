@@ -490,6 +490,17 @@ fn a_new_binary_that_dies_or_hangs_before_the_take_over_is_rolled_back_by_the_br
     // time the bridge runs the previous binary again (a new pid: the old one is gone), which takes
     // the guest over from the bridge; the guest never stops and keeps its console connection.
     let mut g = boot_with(1, "64M", true, &["--cpr-takeover-timeout", "2"]);
+    // The rolled-back processes are not the test's children: kill them however the test ends.
+    struct KillOnDrop(std::cell::RefCell<Vec<u32>>);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            for &pid in self.0.borrow().iter() {
+                // SAFETY: kill(2) of a process this test started (through the bridge).
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+    let rolled_back = KillOnDrop(Default::default());
     let generation = g.generation();
     let state = g.dir.join("direct.state");
     let deaths: [(&str, Vec<String>); 4] = [
@@ -534,6 +545,7 @@ fn a_new_binary_that_dies_or_hangs_before_the_take_over_is_rolled_back_by_the_br
             );
             std::thread::sleep(Duration::from_millis(10));
         };
+        rolled_back.0.borrow_mut().push(info.pid);
         assert_eq!(
             info.update_state(),
             UpdateState::RolledBack,
@@ -578,7 +590,6 @@ fn a_new_binary_that_dies_or_hangs_before_the_take_over_is_rolled_back_by_the_br
     assert_eq!(report.pid_after, Some(report.pid), "{report:?}");
     assert_eq!(g.generation(), generation + 1);
     assert_eq!(g.console.verify(), Verify::Ok(g.hash.clone()));
-    // The rolled-back process is not the test's child: stop it through its API.
     let _ = g.vmm.api().quit();
 }
 

@@ -310,7 +310,7 @@ impl Vmm for VmmApi {
                     vm.serial_pty(),
                     vm.cpr_exec_blockers(),
                     vm.generation(),
-                    vm.update_status().clone(),
+                    (vm.update_status().clone(), vm.update_undone().to_vec()),
                     (
                         vm.cpr_reboot_blockers(),
                         vm.cpr_reboot_blockers_cleared_by_suspend(),
@@ -320,6 +320,7 @@ impl Vmm for VmmApi {
                 ))
             })
             .await?;
+        let (status, undone) = status;
         let seconds = |us: u64| us as f64 / 1e6;
         let update_metrics = pb::UpdateMetrics {
             updated: counts.updated,
@@ -378,6 +379,13 @@ impl Vmm for VmmApi {
             command_line: std::env::args().collect(),
             workflow_step,
             update_metrics: Some(update_metrics),
+            update_undone: undone
+                .into_iter()
+                .map(|u| pb::UndoneStep {
+                    step: u.step,
+                    detail: u.detail,
+                })
+                .collect(),
         }))
     }
 

@@ -278,7 +278,11 @@ fn prepare(cli: &Cli, started_ns: u64, early: Option<vm::EarlyVm>) -> Result<Pre
         Ok(()) => {}
         Err(e) if vm.awaiting_handover_load() => {
             let reason = api::error_chain(&e);
-            return Err(vm.roll_back(&reason).into());
+            let undone = match &e {
+                MainError::Migration(m) => m.undone(),
+                _ => Vec::new(),
+            };
+            return Err(vm.roll_back(&reason, undone).into());
         }
         Err(e) => return Err(e),
     }
@@ -344,7 +348,7 @@ async fn serve(prepared: Prepared) -> Result<u8, MainError> {
                         "no migrate-incoming within {}s of the exec (orchestrator gone?)",
                         timeout.as_secs()
                     );
-                    let e = vm.roll_back(&reason);
+                    let e = vm.roll_back(&reason, Vec::new());
                     error!(error = %api::error_chain(&e), "rollback failed");
                 }
             })

@@ -7,7 +7,7 @@ use tonic::Code;
 use vmmd_proto::v1::{
     GetMigrationParametersRequest, InfoResponse, MigrateIncomingRequest, MigrateRequest,
     MigrationInfo, MigrationMode, MigrationParameters, QueryMigrateRequest, ResumeRequest,
-    RunState, UpdateState,
+    RunState, UndoneStep, UpdateState,
 };
 
 use super::command_line::{carried_flags, new_command_line, parse_version, read_cmdline};
@@ -61,6 +61,8 @@ pub(super) struct Update<'a> {
     previous_params: Option<MigrationParameters>,
     mode_set: bool,
     image_changed: bool,
+    /// What vmmd says it undid itself of a failed or rolled-back update (`Info.update_undone`).
+    vmmd_undone: Vec<UndoneStep>,
 }
 
 impl<'a> Update<'a> {
@@ -98,6 +100,7 @@ impl<'a> Update<'a> {
             previous_params: None,
             mode_set: false,
             image_changed: false,
+            vmmd_undone: Vec::new(),
         }
     }
 
@@ -318,9 +321,13 @@ impl<'a> Update<'a> {
                 Ok(info) => {
                     let inmigrate = info.run_state == RunState::Inmigrate as i32;
                     match info.update_state() {
-                        UpdateState::Failed => return Ok(Arrival::Failed(info)),
+                        UpdateState::Failed => {
+                            self.vmmd_undone = info.update_undone.clone();
+                            return Ok(Arrival::Failed(info));
+                        }
                         UpdateState::RolledBack if !inmigrate => {
                             self.image_changed = true;
+                            self.vmmd_undone = info.update_undone.clone();
                             return Ok(Arrival::RolledBack(info));
                         }
                         _ => {}
@@ -516,15 +523,15 @@ impl Workflow for Update<'_> {
     async fn compensate(
         &mut self,
         undo: UpdateUndo,
-        error: &UpdateError,
+        _error: &UpdateError,
         c: &mut Compensating<'_, '_>,
     ) -> Option<String> {
         match undo {
             UpdateUndo::ResumeIfPaused => self.resume_if_paused(c).await,
             UpdateUndo::VfioDma => {
-                let shown = vfio_dma_undone(error.vmmd_reason()?)?;
+                let undone = self.vmmd_undone.iter().find(|u| u.step == "vfio-dma")?;
                 c.announce(None);
-                Some(shown)
+                Some(undone.detail.clone())
             }
             UpdateUndo::RestoreMode(prev) => self.restore_mode(prev, c).await,
         }
@@ -577,21 +584,6 @@ fn not_arrived(arrival: Arrival) -> UpdateError {
     }
 }
 
-/// What vmmd says it undid of its VFIO DMA step, from the failure it reports (`VFIO DMA <step>:
-/// <failed call>; <its undo>`), when the failure is one.
-///
-/// Text, because the API has no field for it: an `Info.update_undone` (the compensations vmmd ran
-/// itself, typed) would replace this, and is the one decision cprctl still takes from vmmd's
-/// words.
-fn vfio_dma_undone(reason: &str) -> Option<String> {
-    let at = reason.find("VFIO DMA ")?;
-    let text = &reason[at..];
-    Some(match text.split_once("; ") {
-        Some((failed, undo)) => format!("{failed}: vmmd says {undo}"),
-        None => text.to_owned(),
-    })
-}
-
 /// Codes vmmd uses when it refuses an update before pausing anything (a state file that cannot be
 /// created is NOT_FOUND or PERMISSION_DENIED, but only after the pause: not a refusal).
 fn is_refusal(code: Code) -> bool {
@@ -634,18 +626,6 @@ mod tests {
         let err = check_executable(&dir).expect_err("a directory");
         assert!(matches!(err, UpdateError::NotExecutable { .. }), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn vmmd_s_vfio_undo_is_shown_only_when_it_reports_one() {
-        assert_eq!(
-            vfio_dma_undone(
-                "cannot save: VFIO DMA invalidate: container 0: EIO; re-mapped containers 0..0"
-            )
-            .as_deref(),
-            Some("VFIO DMA invalidate: container 0: EIO: vmmd says re-mapped containers 0..0")
-        );
-        assert_eq!(vfio_dma_undone("the new binary crashed"), None);
     }
 
     #[test]

@@ -4,9 +4,19 @@ use cpr_common::state::StateFileError;
 
 use super::bridge::BridgeError;
 use super::exec::process::CprExecError;
-use crate::state::handover::HandoverError;
+use crate::state::handover::{HandoverError, UndoneStep};
 use crate::vfio::dma::DmaStepError;
 use crate::vm::VmError;
+
+impl CprError {
+    /// The compensations vmmd ran itself that this failure reports (for `Info.update_undone`).
+    pub fn undone(&self) -> Vec<UndoneStep> {
+        match self {
+            CprError::VfioDma { step, source } => vec![UndoneStep::vfio_dma(step, source)],
+            _ => Vec::new(),
+        }
+    }
+}
 
 /// Why a cpr-exec step failed. Before `execve` succeeds, every step's compensation has run when this
 /// is returned and the guest runs on this binary.

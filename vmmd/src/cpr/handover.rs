@@ -50,6 +50,7 @@ impl Vm {
             address_space_keeper: None,
             vfio_model_containers: Vec::new(),
             update_metrics: self.metrics.counters().clone(),
+            rollback_undone: Vec::new(),
             legacy: None,
         })
     }

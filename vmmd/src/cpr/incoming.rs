@@ -11,7 +11,7 @@ use super::exec::process;
 use super::CprError;
 use crate::console::ConsoleState;
 use crate::migration::POPULATE_CHUNK;
-use crate::state::handover::{fd_names, LegacyDeviceState};
+use crate::state::handover::{fd_names, CprHandover, LegacyDeviceState, UndoneStep};
 use crate::sys::fd::monotonic_ns;
 use crate::vcpu::VcpuEvent;
 use crate::vm::{InheritedContext, MigrationReport, PhaseClock, UpdateOutcome, UpdateStatus, Vm};
@@ -85,13 +85,18 @@ impl Vm {
     /// Re-executes the previous binary (a failed or abandoned update) with the same state and fds.
     /// Returns only on failure. This process's console has not started (it starts after the load),
     /// so the state's console bytes are still the ones to deliver.
-    pub fn roll_back(&mut self, reason: &str) -> CprError {
+    /// `undone`: the compensations this process ran itself, for the rolled-back one to report.
+    pub fn roll_back(&mut self, reason: &str, undone: Vec<UndoneStep>) -> CprError {
         match &self.inherited {
             Some(i) if i.handover.rollback_reason.is_none() => {
                 if let Some(console) = self.console.take() {
                     drop(console.quiesce());
                 }
-                process::roll_back(&i.handover, reason).into()
+                let handover = CprHandover {
+                    rollback_undone: undone,
+                    ..i.handover.clone()
+                };
+                process::roll_back(&handover, reason).into()
             }
             _ => CprError::NoRollbackTarget,
         }
@@ -171,6 +176,7 @@ impl Vm {
                 from: h.from_version.clone(),
             },
         };
+        self.update_undone = h.rollback_undone.clone();
         // The hand-over's counters are the previous process's: this update is counted here, once
         // the guest runs again.
         let outcome = match h.rollback_reason {

@@ -6,8 +6,20 @@ use cpr_common::state::StateFileError;
 use cpr_common::{MigrationMode, UriError};
 
 use crate::cpr::CprError;
+use crate::state::handover::UndoneStep;
 use crate::vfio::dma::DmaStepError;
 use crate::vm::VmError;
+
+impl MigrationError {
+    /// The compensations vmmd ran itself that this failure reports (for `Info.update_undone`).
+    pub fn undone(&self) -> Vec<UndoneStep> {
+        match self {
+            MigrationError::Cpr(e) => e.undone(),
+            MigrationError::VfioDma { step, source } => vec![UndoneStep::vfio_dma(step, source)],
+            _ => Vec::new(),
+        }
+    }
+}
 
 /// Why a migration (save, load, cpr-reboot, or cpr-exec through [`CprError`]) failed. On a save the
 /// guest runs on in the runstate it had; on a load the VM stays `inmigrate` for another try.

@@ -85,6 +85,9 @@ pub struct CprHandover {
     pub vfio_model_containers: Vec<u32>,
     /// The live-update counters so far (`crate::vm::metrics`); zero from a version-2 hand-over.
     pub update_metrics: UpdateCounters,
+    /// With `rollback_reason`: what the failed process undid itself, for the rolled-back one to
+    /// report.
+    pub rollback_undone: Vec<UndoneStep>,
     /// What a version-2 hand-over carried of the devices (read only, never written).
     #[serde(skip)]
     pub legacy: Option<LegacyDeviceState>,
@@ -110,6 +113,29 @@ pub struct UpdateCounters {
     pub pause_sum_us: u64,
     /// Number of pauses.
     pub pause_count: u64,
+}
+
+/// A compensation vmmd ran itself during a failed update (`Info.update_undone`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UndoneStep {
+    /// Its name, e.g. `vfio-dma`.
+    pub step: String,
+    /// What failed and what the compensation did.
+    pub detail: String,
+}
+
+impl UndoneStep {
+    /// The VFIO DMA step `step` failed with `source`, and its compensation ran.
+    pub fn vfio_dma(step: &str, source: &crate::vfio::dma::DmaStepError) -> UndoneStep {
+        UndoneStep {
+            step: "vfio-dma".into(),
+            detail: format!(
+                "VFIO DMA {step}: {}: vmmd says {}",
+                source.failed,
+                source.undo_text()
+            ),
+        }
+    }
 }
 
 /// What a version-2 hand-over carried that version 3 keeps in the state file.
@@ -161,6 +187,7 @@ impl From<CprHandoverV2> for CprHandover {
             vfio_model_containers: v.vfio_model_containers,
             // The previous release counted nothing.
             update_metrics: UpdateCounters::default(),
+            rollback_undone: Vec::new(),
             legacy: Some(LegacyDeviceState {
                 console_pending_out: v.console_pending_out,
                 console_pending_in: v.console_pending_in,
@@ -474,6 +501,10 @@ mod tests {
                 pause_sum_us: 1200,
                 pause_count: 3,
             },
+            rollback_undone: vec![UndoneStep {
+                step: "vfio-dma".into(),
+                detail: "VFIO DMA update-vaddr: …: vmmd says the mappings were restored".into(),
+            }],
             legacy: None,
         }
     }
@@ -537,10 +568,12 @@ mod tests {
         assert_eq!(legacy.vfio_msi, vec![msi]);
         // The previous release counted nothing: the counters start from zero.
         assert_eq!(read.update_metrics, UpdateCounters::default());
+        assert!(read.rollback_undone.is_empty());
         assert_eq!(
             CprHandover {
                 legacy: None,
                 update_metrics: h.update_metrics.clone(),
+                rollback_undone: h.rollback_undone.clone(),
                 ..read
             },
             h

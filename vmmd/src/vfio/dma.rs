@@ -38,12 +38,22 @@ pub struct DmaCallError {
 
 /// The outcome of a failed update step: the failure, and whether undoing it worked.
 #[derive(Debug, thiserror::Error)]
-#[error("{failed}; {}", match undo { None => "the mappings that had changed were restored".to_string(), Some(e) => format!("restoring the mappings also failed: {e}") })]
+#[error("{failed}; {}", self.undo_text())]
 pub struct DmaStepError {
     /// The call that failed.
     pub failed: DmaCallError,
     /// `None` when every compensating call worked; the first that failed otherwise.
     pub undo: Option<DmaCallError>,
+}
+
+impl DmaStepError {
+    /// What undoing the step did.
+    pub fn undo_text(&self) -> String {
+        match &self.undo {
+            None => "the mappings that had changed were restored".to_string(),
+            Some(e) => format!("restoring the mappings also failed: {e}"),
+        }
+    }
 }
 
 /// One container and the mappings it holds.

@@ -255,6 +255,7 @@ impl VmBuilder {
             inherited,
             generation,
             update_status: UpdateStatus::None,
+            update_undone: Vec::new(),
             metrics,
             workflow_step: String::new(),
             saved_from: None,

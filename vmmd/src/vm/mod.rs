@@ -33,7 +33,7 @@ use crate::boot::pvh;
 use crate::console::Console;
 use crate::devices::{Devices, GuestRequest};
 use crate::memory::GuestRam;
-use crate::state::handover::{BridgeReply, CprHandover};
+use crate::state::handover::{BridgeReply, CprHandover, UndoneStep};
 use crate::state::SavedRunState;
 use crate::vcpu::{VcpuEvent, VcpuSet};
 use crate::vfio::msi::MsiRouter;
@@ -75,6 +75,8 @@ pub struct Vm {
     pub(crate) inherited: Option<InheritedContext>,
     pub(crate) generation: u64,
     pub(crate) update_status: UpdateStatus,
+    /// What this process (or, after a rollback, the failed one) undid itself of the last update.
+    pub(crate) update_undone: Vec<UndoneStep>,
     /// Live-update counters, carried across updates.
     pub(crate) metrics: VmMetrics,
     pub(crate) workflow_step: String,
@@ -342,6 +344,11 @@ impl Vm {
     /// The live-update counters (this process's and its predecessors').
     pub fn metrics(&self) -> &VmMetrics {
         &self.metrics
+    }
+
+    /// The compensations vmmd ran itself during the last failed or rolled-back update.
+    pub fn update_undone(&self) -> &[UndoneStep] {
+        &self.update_undone
     }
 
     /// The last update step this process saw.

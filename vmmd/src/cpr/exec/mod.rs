@@ -134,6 +134,7 @@ impl Vm {
         saved: SavedRunState,
     ) -> Result<MigrationReport, CprError> {
         self.update_status = UpdateStatus::InProgress("preflight");
+        self.update_undone.clear();
         // The running binary is opened for a rollback now, not inside the pause.
         let previous = match self
             .cpr_exec_preflight(path)
@@ -188,6 +189,7 @@ impl Vm {
         warn!(error = %err, "cpr-exec failed; the guest carries on with this binary");
         crate::notify::ready(&format!("running; live update failed: {err}"));
         self.update_status = UpdateStatus::Failed(err.to_string());
+        self.update_undone = err.undone();
         self.metrics.record(UpdateOutcome::Failed, None);
         report.downtime = std::time::Duration::ZERO;
         let result = Err(err);
